@@ -1,0 +1,307 @@
+"""The portable MEMOIR artifact: one directory, a JSON manifest, safetensors, JSONL.
+
+Layout of a directory at version N:
+    manifest.json              ArtifactManifest; names the files of version N and their sha256
+    memoir-vN.safetensors      memory [H, D], masks [E, W] uint8 bitsets, permutation [D],
+                               background_mean [D] (when computed)
+    edits-vN.jsonl             one EditRecord per stored mask, in mask order
+
+Saving writes the version-N files first and replaces manifest.json last (os.replace), so a
+crash at any point leaves either the old or the new artifact whole. Only safetensors and
+JSON are read: nothing here unpickles.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .tophash import AGGREGATIONS, packed_width, popcount64, unpack_bits
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ArtifactError(ValueError):
+    """An artifact that cannot be used; the message names the file and the problem."""
+
+
+@dataclass
+class EditRecord:
+    edit_id: int
+    prompt: str
+    target: str
+    enabled: bool = True
+    rephrase: str | None = None
+    subject: str | None = None
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any], where: str) -> "EditRecord":
+        try:
+            return cls(
+                edit_id=int(obj["edit_id"]),
+                prompt=str(obj["prompt"]),
+                target=str(obj["target"]),
+                enabled=bool(obj.get("enabled", True)),
+                rephrase=obj.get("rephrase"),
+                subject=obj.get("subject"),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ArtifactError(f"{where}: bad edit record ({exc!r})") from exc
+
+
+@dataclass
+class ArtifactManifest:
+    base_model: str
+    base_fingerprint: str
+    module_path: str
+    layer_index: int
+    hidden_size: int
+    intermediate_size: int
+    dtype: str
+    top_k: int
+    irr_threshold: float
+    aggregation: str
+    num_edits: int = 0
+    version: int = 0
+    hparams: dict[str, Any] = field(default_factory=dict)
+    files: dict[str, str] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any], where: str) -> "ArtifactManifest":
+        version = obj.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ArtifactError(f"{where}: unknown format_version {version!r} (this build reads {FORMAT_VERSION})")
+        names = {f.name for f in dataclasses.fields(cls)}
+        missing = sorted(n for n in names if n not in obj and n not in ("hparams", "files", "num_edits", "version"))
+        if missing:
+            raise ArtifactError(f"{where}: missing fields {missing}")
+        unknown = sorted(set(obj) - names)
+        if unknown:
+            raise ArtifactError(f"{where}: unknown fields {unknown}")
+        manifest = cls(**obj)
+        if manifest.dtype not in _DTYPES:
+            raise ArtifactError(f"{where}: dtype {manifest.dtype!r} is not one of {sorted(_DTYPES)}")
+        if manifest.aggregation not in AGGREGATIONS:
+            raise ArtifactError(f"{where}: aggregation {manifest.aggregation!r} is not one of {AGGREGATIONS}")
+        if not 0 < manifest.top_k <= manifest.intermediate_size:
+            raise ArtifactError(f"{where}: top_k {manifest.top_k} outside 1..{manifest.intermediate_size}")
+        return manifest
+
+
+@dataclass
+class MemoirArtifact:
+    """Everything needed to serve or extend an edited layer."""
+
+    manifest: ArtifactManifest
+    memory: torch.Tensor  # [H, D]
+    masks: torch.Tensor  # [E, packed_width(D)] uint8
+    permutation: torch.Tensor  # [D] int64
+    background_mean: torch.Tensor | None  # [D] float32
+    edits: list[EditRecord]
+
+    @property
+    def enabled(self) -> torch.Tensor:
+        return torch.tensor([e.enabled for e in self.edits], dtype=torch.bool)
+
+
+def base_fingerprint(down_proj_weight: torch.Tensor, config: dict[str, Any]) -> str:
+    """Identity of the base model as far as the artifact cares: the edited weight and shapes.
+
+    Computed on float32 so a bf16 checkpoint and its float32 copy agree.
+    """
+    digest = hashlib.sha256()
+    keys = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size")
+    digest.update(json.dumps({k: config.get(k) for k in keys}, sort_keys=True).encode())
+    digest.update(down_proj_weight.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_atomic(path: Path, write) -> None:
+    """Write via a temporary file in the same directory, fsync, then rename into place."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_artifact(artifact: MemoirArtifact, directory: str | os.PathLike) -> Path:
+    """Write the artifact as the next version in `directory`; returns the manifest path."""
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = artifact.manifest
+    previous = _read_manifest_json(out) if (out / MANIFEST_NAME).exists() else None
+    version = max(manifest.version, previous.get("version", 0) if previous else 0) + 1
+    tensors_name, edits_name = f"memoir-v{version}.safetensors", f"edits-v{version}.jsonl"
+
+    tensors = {
+        "memory": artifact.memory.detach().to("cpu", _DTYPES[manifest.dtype]).contiguous(),
+        "masks": artifact.masks.detach().to("cpu", torch.uint8).contiguous(),
+        "permutation": artifact.permutation.detach().to("cpu", torch.int64).contiguous(),
+    }
+    if artifact.background_mean is not None:
+        tensors["background_mean"] = artifact.background_mean.detach().to("cpu", torch.float32).contiguous()
+    _write_atomic(out / tensors_name, lambda p: save_file(tensors, str(p)))
+    lines = "".join(json.dumps(dataclasses.asdict(e)) + "\n" for e in artifact.edits)
+    _write_atomic(out / edits_name, lambda p: p.write_text(lines))
+
+    manifest.version = version
+    manifest.num_edits = len(artifact.edits)
+    manifest.files = {tensors_name: _sha256(out / tensors_name), edits_name: _sha256(out / edits_name)}
+    text = json.dumps(dataclasses.asdict(manifest), indent=2, sort_keys=True)
+    _write_atomic(out / MANIFEST_NAME, lambda p: p.write_text(text))
+    # Old versions are garbage only once the new manifest is in place.
+    for stale in out.glob("memoir-v*.safetensors"):
+        if stale.name != tensors_name:
+            stale.unlink(missing_ok=True)
+    for stale in out.glob("edits-v*.jsonl"):
+        if stale.name != edits_name:
+            stale.unlink(missing_ok=True)
+    return out / MANIFEST_NAME
+
+
+def _read_manifest_json(directory: Path) -> dict[str, Any]:
+    path = directory / MANIFEST_NAME
+    if not path.exists():
+        raise ArtifactError(f"{path}: missing (is {directory} a MEMOIR artifact directory?)")
+    try:
+        obj = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ArtifactError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(obj, dict):
+        raise ArtifactError(f"{path}: expected a JSON object")
+    return obj
+
+
+def read_manifest(directory: str | os.PathLike) -> ArtifactManifest:
+    directory = Path(directory)
+    return ArtifactManifest.from_json(_read_manifest_json(directory), str(directory / MANIFEST_NAME))
+
+
+def load_artifact(directory: str | os.PathLike, expected_fingerprint: str | None = None) -> MemoirArtifact:
+    """Load and validate an artifact; raises ArtifactError naming the file and problem."""
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    if expected_fingerprint is not None and manifest.base_fingerprint != expected_fingerprint:
+        raise ArtifactError(
+            f"{directory / MANIFEST_NAME}: made for a different base model (fingerprint "
+            f"{manifest.base_fingerprint[:12]}..., this model's is {expected_fingerprint[:12]}...; "
+            f"artifact base_model={manifest.base_model!r})"
+        )
+    tensors_name = next((n for n in manifest.files if n.endswith(".safetensors")), None)
+    edits_name = next((n for n in manifest.files if n.endswith(".jsonl")), None)
+    if tensors_name is None or edits_name is None:
+        raise ArtifactError(f"{directory / MANIFEST_NAME}: 'files' must name a .safetensors and a .jsonl file")
+    for name, digest in manifest.files.items():
+        path = directory / name
+        if not path.exists():
+            raise ArtifactError(f"{path}: missing")
+        if _sha256(path) != digest:
+            raise ArtifactError(f"{path}: checksum mismatch (truncated or modified after the manifest was written)")
+
+    tensors = _read_tensors(directory / tensors_name)
+    edits = _read_edits(directory / edits_name)
+    artifact = MemoirArtifact(
+        manifest=manifest,
+        memory=tensors["memory"],
+        masks=tensors["masks"],
+        permutation=tensors["permutation"],
+        background_mean=tensors.get("background_mean"),
+        edits=edits,
+    )
+    validate_artifact(artifact, str(directory / tensors_name))
+    return artifact
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return {name: handle.get_tensor(name) for name in handle.keys()}
+    except Exception as exc:  # safetensors raises its own error types for corrupt headers
+        raise ArtifactError(f"{path}: not a readable safetensors file ({exc})") from exc
+
+
+def _read_edits(path: Path) -> list[EditRecord]:
+    edits = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ArtifactError(f"{where}: not valid JSON ({exc})") from exc
+        edits.append(EditRecord.from_json(obj, where))
+    return edits
+
+
+def validate_artifact(artifact: MemoirArtifact, where: str) -> None:
+    """Shapes, dtypes, finiteness and mask integrity, against the manifest."""
+    m = artifact.manifest
+    hidden, inter = m.hidden_size, m.intermediate_size
+    expect = {
+        "memory": (hidden, inter),
+        "masks": (m.num_edits, packed_width(inter)),
+        "permutation": (inter,),
+    }
+    actual = {"memory": artifact.memory, "masks": artifact.masks, "permutation": artifact.permutation}
+    for name, shape in expect.items():
+        if tuple(actual[name].shape) != shape:
+            raise ArtifactError(f"{where}: tensor {name!r} has shape {tuple(actual[name].shape)}, manifest implies {shape}")
+    if artifact.memory.dtype != _DTYPES[m.dtype]:
+        raise ArtifactError(f"{where}: memory dtype {artifact.memory.dtype} differs from manifest dtype {m.dtype}")
+    if artifact.masks.dtype != torch.uint8:
+        raise ArtifactError(f"{where}: masks must be uint8 bitsets, got {artifact.masks.dtype}")
+    if not bool(torch.isfinite(artifact.memory).all()):
+        raise ArtifactError(f"{where}: memory contains NaN or Inf")
+    perm = artifact.permutation
+    if perm.dtype != torch.int64 or not torch.equal(torch.sort(perm).values, torch.arange(inter)):
+        raise ArtifactError(f"{where}: permutation is not a permutation of 0..{inter - 1}")
+    bg = artifact.background_mean
+    if bg is not None:
+        if tuple(bg.shape) != (inter,):
+            raise ArtifactError(f"{where}: background_mean has shape {tuple(bg.shape)}, expected ({inter},)")
+        if not bool(torch.isfinite(bg).all()):
+            raise ArtifactError(f"{where}: background_mean contains NaN or Inf")
+    elif m.aggregation == "mean_decentered":
+        raise ArtifactError(f"{where}: aggregation 'mean_decentered' needs background_mean, which is absent")
+    if len(artifact.edits) != m.num_edits:
+        raise ArtifactError(f"{where}: {len(artifact.edits)} edit records for {m.num_edits} masks")
+    ids = [e.edit_id for e in artifact.edits]
+    if len(set(ids)) != len(ids):
+        raise ArtifactError(f"{where}: duplicate edit ids")
+    if m.num_edits:
+        words = artifact.masks.contiguous().view(torch.int64)
+        counts = popcount64(words).sum(-1)
+        bad = (counts != m.top_k).nonzero().flatten()
+        if len(bad):
+            raise ArtifactError(f"{where}: mask of edit row {int(bad[0])} has {int(counts[bad[0]])} bits set, expected top_k={m.top_k}")
+        outside = unpack_bits(artifact.masks, packed_width(inter) * 8)[:, inter:].any(dim=1).nonzero().flatten()
+        if len(outside):
+            raise ArtifactError(f"{where}: mask of edit row {int(outside[0])} sets bits beyond intermediate_size={inter}")
