@@ -1,0 +1,180 @@
+"""The edit job: apply a dataset's edits sequentially and write a MEMOIR artifact.
+
+The job checkpoints the artifact (atomically) every `checkpoint_every` edits and records its
+progress in the manifest, so a job killed at any point resumes from its last checkpoint and
+ends with the same artifact as an uninterrupted run. `append=True` adds a new dataset's
+edits to an existing artifact (lifelong editing).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from vllm_memoir.core import (
+    ArtifactManifest,
+    EditRecord,
+    MemoirArtifact,
+    load_artifact,
+    pack_indices,
+    packed_width,
+    save_artifact,
+)
+from vllm_memoir.core.artifact import MANIFEST_NAME
+
+from .background import compute_background_mean, load_background
+from .datasets import EditRequest, load_edit_dataset
+from .edit_step import apply_edit, build_edit_batch
+from .hf_model import MemoirHFModel
+from .hparams import MemoirHyperParams
+from .templates import generate_context_templates
+
+logger = logging.getLogger(__name__)
+
+# Settings that must agree between an artifact and a job that extends it.
+_ROUTING_KEYS = ("top_k", "irr_threshold", "prompt_feature_agg", "inner_params")
+
+
+class EditJobError(RuntimeError):
+    pass
+
+
+def requests_digest(requests: list[EditRequest]) -> str:
+    payload = json.dumps([[r.prompt, r.target, r.loc] for r in requests])
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def new_artifact(hf: MemoirHFModel, hp: MemoirHyperParams, model_id: str, requests: list[EditRequest]) -> MemoirArtifact:
+    weight = hf.layer.base.weight
+    hidden, inter = weight.shape
+    generator = torch.Generator().manual_seed(hp.seed)
+    # Drawn once and stored: the reference draws it from the global RNG and never saves it.
+    permutation = torch.randperm(inter, generator=generator)
+    background = None
+    if hp.prompt_feature_agg == "mean_decentered":
+        if hp.dir_background_features:
+            background = load_background(hp.dir_background_features, inter)
+        else:
+            texts = [r.loc for r in requests if r.loc][: hp.num_background_texts]
+            if not texts:
+                raise EditJobError("mean_decentered needs background features: set dir_background_features or give locality prompts")
+            logger.info("computing background features from %d locality prompts", len(texts))
+            background = compute_background_mean(hf, texts)
+    templates = generate_context_templates(hf.model, hf.tokenizer)
+    manifest = ArtifactManifest(
+        base_model=model_id,
+        base_fingerprint=hf.fingerprint(),
+        module_path=hf.module_path,
+        layer_index=hp.layer_index,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        dtype="float32",
+        top_k=hp.top_k,
+        irr_threshold=hp.irr_threshold,
+        aggregation=hp.prompt_feature_agg,
+        hparams={"memoir": hp.to_dict(), "context_templates": templates},
+    )
+    return MemoirArtifact(
+        manifest=manifest,
+        memory=torch.zeros(hidden, inter),
+        masks=torch.zeros(0, packed_width(inter), dtype=torch.uint8),
+        permutation=permutation,
+        background_mean=background,
+        edits=[],
+    )
+
+
+def _check_compatible(artifact: MemoirArtifact, hp: MemoirHyperParams, where: Path) -> None:
+    stored = artifact.manifest.hparams.get("memoir", {})
+    for key in _ROUTING_KEYS:
+        if key in stored and stored[key] != getattr(hp, key):
+            raise EditJobError(f"{where}: artifact has {key}={stored[key]!r}, the hyperparameters say {getattr(hp, key)!r}")
+
+
+def run_edit_job(
+    model_dir: str | Path,
+    data: str | Path | list[EditRequest],
+    hp: MemoirHyperParams,
+    out_dir: str | Path,
+    append: bool = False,
+    limit: int | None = None,
+    progress: bool = True,
+    stop_after: int | None = None,
+    skip_invalid: bool = False,
+) -> MemoirArtifact:
+    """Run (or resume, or extend) an edit job; returns the final artifact.
+
+    stop_after: stop once this many edits of the job are done (for tests and staged runs);
+    the artifact is checkpointed there and a later call resumes.
+    """
+    out_dir = Path(out_dir)
+    requests = data if isinstance(data, list) else load_edit_dataset(data, limit=limit, skip_invalid=skip_invalid)
+    if limit is not None:
+        requests = requests[:limit]
+    if not requests:
+        raise EditJobError("the dataset has no edits")
+    digest = requests_digest(requests)
+    hf = MemoirHFModel.from_pretrained(model_dir, module_path=hp.module_path, dtype=getattr(torch, hp.dtype), device=str(hp.device) if str(hp.device) != "0" else "cuda")
+
+    if (out_dir / MANIFEST_NAME).exists():
+        artifact = load_artifact(out_dir, expected_fingerprint=hf.fingerprint())
+        _check_compatible(artifact, hp, out_dir)
+        job = artifact.manifest.hparams.get("job", {})
+        same_data = job.get("data_sha256") == digest
+        if same_data and job.get("done", 0) < job.get("total", 0):
+            logger.info("resuming %s at edit %d of %d", out_dir, job["done"], job["total"])
+        elif same_data and not append:
+            logger.info("%s already holds this job's %d edits; nothing to do", out_dir, job["total"])
+            return artifact
+        elif append:
+            job = {"data_sha256": digest, "first_row": artifact.manifest.num_edits, "done": 0, "total": len(requests)}
+            logger.info("appending %d edits to %s (%d stored)", len(requests), out_dir, job["first_row"])
+        else:
+            raise EditJobError(f"{out_dir} already holds an artifact from another job; pass --append to add these edits to it")
+    else:
+        artifact = new_artifact(hf, hp, str(model_dir), requests)
+        job = {"data_sha256": digest, "first_row": 0, "done": 0, "total": len(requests)}
+
+    hf.layer.memory.data = artifact.memory.to(hf.device, torch.float32).clone()
+    templates = artifact.manifest.hparams["context_templates"]
+    background = None if artifact.background_mean is None else artifact.background_mean.to(hf.device)
+    permutation = artifact.permutation
+    masks = [artifact.masks]
+    next_id = max((e.edit_id for e in artifact.edits), default=-1) + 1
+
+    def checkpoint() -> None:
+        artifact.memory = hf.layer.memory.data.detach().cpu().clone()
+        artifact.masks = torch.cat(masks)
+        masks[:] = [artifact.masks]
+        artifact.manifest.hparams["job"] = dict(job)
+        save_artifact(artifact, out_dir)
+
+    end = len(requests) if stop_after is None else min(len(requests), job["done"] + stop_after)
+    bar = tqdm(range(job["done"], end), total=len(requests), initial=job["done"], disable=not progress, desc="edits")
+    since_checkpoint = 0
+    for i in bar:
+        request = requests[i]
+        started = time.perf_counter()
+        batch = build_edit_batch(hf, request.prompt, request.target, templates, request.loc)
+        result = apply_edit(hf, hp, batch, permutation, background, fast=hp.fast_loop)
+        masks.append(pack_indices(result.mask_indices.unsqueeze(0), artifact.manifest.intermediate_size))
+        artifact.edits.append(
+            EditRecord(edit_id=next_id, prompt=request.prompt, target=request.target, rephrase=request.rephrase, subject=request.subject)
+        )
+        next_id += 1
+        job["done"] = i + 1
+        since_checkpoint += 1
+        bar.set_postfix(loss=f"{result.losses[-1]:.4f}", steps=len(result.losses), sec=f"{time.perf_counter() - started:.2f}")
+        if since_checkpoint >= hp.checkpoint_every:
+            checkpoint()
+            since_checkpoint = 0
+    if since_checkpoint:
+        checkpoint()
+    artifact.masks = torch.cat(masks)
+    return artifact

@@ -1,0 +1,258 @@
+"""A transformers model with a MEMOIR layer: the reference for training, evaluation and parity.
+
+Unlike the research code (batch size 1), every row of a batch routes on its own: the first
+forward of a batch (the prompt) decides each row's route from its prompt positions, and
+later forwards (generated tokens) reuse it.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from vllm_memoir.core import NO_ROUTE, MemoirArtifact, aggregate_prompt_feature, load_artifact, masked_residual, residual_by_route
+from vllm_memoir.core.artifact import base_fingerprint
+from vllm_memoir.core.routing import EditRouter, RouteDecision
+
+logger = logging.getLogger(__name__)
+
+
+class MemoirDownProj(nn.Module):
+    """down_proj plus the residual memory: out = W0 x + W_m (m * x).
+
+    Three states: training (one fixed mask for every row), routed inference (per-row
+    routes decided on the prompt forward) and off (exactly the base layer).
+    """
+
+    def __init__(self, base: nn.Linear):
+        super().__init__()
+        self.base = base
+        self.memory = nn.Parameter(
+            torch.zeros_like(base.weight, dtype=torch.float32), requires_grad=False
+        )
+        self.train_indices: torch.Tensor | None = None
+        self.router: EditRouter | None = None
+        self.pending_prompt_mask: torch.Tensor | None = None
+        self.routes: torch.Tensor | None = None
+        self.decisions: list[RouteDecision] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        if self.train_indices is not None:
+            return out + masked_residual(x, self.memory.to(x.dtype), self.train_indices)
+        if self.router is None:
+            return out
+        if self.pending_prompt_mask is not None:
+            self._decide_routes(x)
+        if self.routes is None or bool((self.routes == NO_ROUTE).all()):
+            return out
+        token_routes = self.routes.to(x.device).unsqueeze(1).expand(x.shape[0], x.shape[1]).reshape(-1)
+        flat_x = x.reshape(-1, x.shape[-1])
+        residual = residual_by_route(flat_x, self.memory, token_routes, self.router.masks)
+        out = out.clone()
+        flat_out = out.view(-1, out.shape[-1])
+        routed = (token_routes != NO_ROUTE).nonzero().flatten()
+        flat_out[routed] = flat_out[routed] + residual[routed]
+        return out
+
+    def _decide_routes(self, x: torch.Tensor) -> None:
+        mask = self.pending_prompt_mask
+        self.pending_prompt_mask = None
+        features = aggregate_prompt_feature(x, mask, self.router.aggregation, self.router.background_mean)
+        self.decisions = self.router.route_features(features)
+        self.routes = torch.tensor([d.route for d in self.decisions], dtype=torch.int64)
+
+
+@dataclass
+class ScoredRow:
+    target_ids: list[int]
+    predicted_ids: list[int]  # argmax at each target position (teacher forcing)
+    target_logprobs: list[float]
+
+    @property
+    def accuracy(self) -> float:
+        hits = sum(p == t for p, t in zip(self.predicted_ids, self.target_ids))
+        return hits / max(len(self.target_ids), 1)
+
+
+def get_submodule(model: nn.Module, path: str) -> nn.Module:
+    try:
+        return model.get_submodule(path)
+    except AttributeError as exc:
+        raise ValueError(f"the model has no module {path!r} ({exc})") from exc
+
+
+class MemoirHFModel:
+    """A causal LM whose down_proj at `module_path` carries a MEMOIR memory."""
+
+    def __init__(self, model: nn.Module, tokenizer, module_path: str, name: str = ""):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.module_path = module_path
+        self.name = name
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+        target = get_submodule(model, module_path)
+        if isinstance(target, MemoirDownProj):
+            self.layer = target
+        else:
+            if not isinstance(target, nn.Linear):
+                raise ValueError(f"{module_path} is a {type(target).__name__}, expected a Linear down_proj")
+            self.layer = MemoirDownProj(target)
+            parent_path, _, child = module_path.rpartition(".")
+            setattr(get_submodule(model, parent_path), child, self.layer)
+        for param in model.parameters():
+            param.requires_grad_(False)
+        self.artifact: MemoirArtifact | None = None
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_dir: str | Path,
+        artifact: str | Path | MemoirArtifact | None = None,
+        module_path: str | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: str = "cpu",
+    ) -> "MemoirHFModel":
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).to(device)
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        if artifact is not None and not isinstance(artifact, MemoirArtifact):
+            artifact = load_artifact(artifact)
+        if module_path is None:
+            if artifact is None:
+                raise ValueError("give module_path or an artifact")
+            module_path = artifact.manifest.module_path
+        wrapped = cls(model, tokenizer, module_path, name=str(model_dir))
+        if artifact is not None:
+            wrapped.load(artifact)
+        return wrapped
+
+    # --- artifact -------------------------------------------------------------------------
+
+    def fingerprint(self) -> str:
+        return base_fingerprint(self.layer.base.weight, self.model.config.to_dict())
+
+    def load(self, artifact: MemoirArtifact) -> None:
+        """Put an artifact's memory and masks in place, after checking it fits this model."""
+        manifest = artifact.manifest
+        if manifest.module_path != self.module_path:
+            raise ValueError(f"artifact edits {manifest.module_path}, this model wraps {self.module_path}")
+        if tuple(artifact.memory.shape) != tuple(self.layer.base.weight.shape):
+            raise ValueError(
+                f"artifact memory shape {tuple(artifact.memory.shape)} != down_proj weight {tuple(self.layer.base.weight.shape)}"
+            )
+        if manifest.base_fingerprint != self.fingerprint():
+            raise ValueError(f"artifact was made for another base model ({manifest.base_model})")
+        device = self.layer.base.weight.device
+        self.layer.memory.data = artifact.memory.to(device, torch.float32).clone()
+        self.layer.router = EditRouter(artifact, device)
+        self.artifact = artifact
+
+    @contextmanager
+    def routing_off(self):
+        router, self.layer.router = self.layer.router, None
+        try:
+            yield self
+        finally:
+            self.layer.router = router
+
+    def _start_routing(self, prompt_mask: torch.Tensor) -> None:
+        self.layer.routes = None
+        self.layer.decisions = []
+        self.layer.pending_prompt_mask = prompt_mask if self.layer.router is not None else None
+
+    # --- tokenization ---------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        return self.layer.base.weight.device
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        return self.tokenizer(prompt)["input_ids"]
+
+    def prompt_target_ids(self, prompt: str, target: str) -> tuple[list[int], list[int]]:
+        """Token ids of prompt and of target as it continues `prompt + ' ' + target`."""
+        prompt_ids = self.prompt_ids(prompt)
+        full = self.tokenizer(f"{prompt} {target}")["input_ids"]
+        if full[: len(prompt_ids)] != prompt_ids or len(full) == len(prompt_ids):
+            raise ValueError(f"cannot split {prompt!r} + {target!r} into prompt and target tokens")
+        return prompt_ids, full[len(prompt_ids):]
+
+    def _pad(self, rows: list[list[int]], left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(r) for r in rows)
+        pad = self.tokenizer.pad_token_id
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        attention = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            span = slice(width - len(row), width) if left else slice(0, len(row))
+            ids[i, span] = torch.tensor(row)
+            attention[i, span] = 1
+        return ids.to(self.device), attention.to(self.device)
+
+    # --- inference ------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def route(self, prompts: list[str]) -> list[RouteDecision]:
+        """Each prompt's routing decision (what serving would decide)."""
+        if self.layer.router is None:
+            return [RouteDecision(NO_ROUTE, NO_ROUTE, 0.0) for _ in prompts]
+        ids, attention = self._pad([self.prompt_ids(p) for p in prompts], left=False)
+        self._start_routing(attention.bool())
+        self.model(input_ids=ids, attention_mask=attention, use_cache=False)
+        return list(self.layer.decisions)
+
+    @torch.no_grad()
+    def score(self, prompts: list[str], targets: list[str]) -> list[ScoredRow]:
+        """Teacher-forced predictions of each target given its prompt (routed on the prompt)."""
+        split = [self.prompt_target_ids(p, t) for p, t in zip(prompts, targets)]
+        ids, attention = self._pad([p + t for p, t in split], left=False)
+        prompt_mask = torch.zeros_like(attention, dtype=torch.bool)
+        for i, (p, _) in enumerate(split):
+            prompt_mask[i, : len(p)] = True
+        self._start_routing(prompt_mask)
+        logits = self.model(input_ids=ids, attention_mask=attention, use_cache=False).logits.float()
+        logprobs = torch.log_softmax(logits, dim=-1)
+        rows = []
+        for i, (p, t) in enumerate(split):
+            positions = torch.arange(len(p) - 1, len(p) - 1 + len(t), device=logits.device)
+            target = torch.tensor(t, device=logits.device)
+            rows.append(
+                ScoredRow(
+                    target_ids=list(t),
+                    predicted_ids=logits[i, positions].argmax(-1).tolist(),
+                    target_logprobs=logprobs[i, positions, target].tolist(),
+                )
+            )
+        return rows
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], max_new_tokens: int = 16, stop_at_eos: bool = True) -> list[list[int]]:
+        """Greedy continuation token ids per prompt (left-padded batch, per-row routes)."""
+        ids, attention = self._pad([self.prompt_ids(p) for p in prompts], left=True)
+        self._start_routing(attention.bool())
+        out = self.model.generate(
+            input_ids=ids,
+            attention_mask=attention,
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=0 if stop_at_eos else max_new_tokens,
+            do_sample=False,
+            pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=self.tokenizer.eos_token_id if stop_at_eos else None,
+        )
+        new = out[:, ids.shape[1]:].tolist()
+        eos = self.tokenizer.eos_token_id
+        result = []
+        for row in new:
+            if stop_at_eos and eos in row:
+                row = row[: row.index(eos) + 1]
+            result.append(row)
+        return result
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)

@@ -1,0 +1,112 @@
+"""Small random-weight models saved like any Hugging Face checkpoint, for tests and benchmarks.
+
+No model hub is reachable here, so tests build what they load: a config, safetensors
+weights and a word-level `tokenizer.json` that both transformers and vLLM read.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, processors, decoders
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] }} : {{ message['content'] }} {% endfor %}"
+    "{% if add_generation_prompt %}assistant : {% endif %}"
+)
+
+
+def build_word_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
+    """Word-level tokenizer (punctuation split off) that prepends <s> to every text."""
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+    for word in words:
+        vocab.setdefault(word, len(vocab))
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
+    tokenizer.decoder = decoders.WordPiece(prefix="##", cleanup=True)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def default_words() -> list[str]:
+    base = (
+        "the a of in is was who what where which city country language born works for capital "
+        "speaks lives plays sport team river mountain founded by company city. Q : I You Because Yes "
+        "? . , ! : ; and or not to from with on at as it he she they we this that"
+    ).split()
+    return base + [f"w{i}" for i in range(400)]
+
+
+def build_tiny_llama(
+    out_dir: str | Path,
+    hidden_size: int = 128,
+    intermediate_size: int = 512,
+    num_layers: int = 4,
+    num_heads: int = 4,
+    seed: int = 0,
+    words: list[str] | None = None,
+    init_std: float = 0.2,
+) -> Path:
+    """Save a random Llama + tokenizer to out_dir and return it. head_dim >= 32 for vLLM's CPU backend."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_word_tokenizer(words or default_words())
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_heads,
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+        initializer_range=init_std,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def build_words_dataset(path: str | Path, count: int, seed: int = 0) -> Path:
+    """A plain-JSONL edit set over the tiny vocabulary (prompt, target, rephrase, loc, loc_ans)."""
+    gen = torch.Generator().manual_seed(seed)
+    words = [f"w{i}" for i in range(400)]
+
+    def pick(n: int) -> list[str]:
+        return [words[int(i)] for i in torch.randint(0, len(words), (n,), generator=gen)]
+
+    lines = []
+    for _ in range(count):
+        subject = " ".join(pick(2))
+        target, loc_subject, loc_ans = pick(1)[0], " ".join(pick(2)), pick(1)[0]
+        lines.append(
+            json.dumps(
+                {
+                    "prompt": f"where does {subject} live ?",
+                    "target": target,
+                    "rephrase": f"which city is the home of {subject} ?",
+                    "subject": subject,
+                    "loc": f"what language does {loc_subject} speak ?",
+                    "loc_ans": loc_ans,
+                }
+            )
+        )
+    path = Path(path)
+    path.write_text("\n".join(lines) + "\n")
+    return path

@@ -1,0 +1,31 @@
+"""Shared fixtures: small models built on the spot, the shared reference datasets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    from edit_tools.tiny_models import build_tiny_llama
+
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def words_dataset(tmp_path_factory) -> Path:
+    from edit_tools.tiny_models import build_words_dataset
+
+    return build_words_dataset(tmp_path_factory.mktemp("data") / "edits.jsonl", count=12)
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"{SHARED_DATA} is absent")
+    return SHARED_DATA

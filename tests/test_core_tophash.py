@@ -1,0 +1,104 @@
+import pytest
+import torch
+
+from vllm_memoir.core import (
+    NO_ROUTE,
+    aggregate_prompt_feature,
+    masked_residual,
+    match_routes,
+    overlap_counts,
+    pack_indices,
+    residual_by_route,
+    tophash_indices,
+    unpack_bits,
+    unpack_indices,
+)
+
+DIM = 300  # not a multiple of 64: exercises the padded last word
+
+
+def _random_masks(rows: int, k: int, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    feats = torch.randn(rows, DIM, generator=gen)
+    return tophash_indices(feats, k, torch.randperm(DIM, generator=gen))
+
+
+def test_tophash_is_topk_then_permutation():
+    feature = torch.zeros(1, DIM)
+    feature[0, [3, 10, 200]] = torch.tensor([-5.0, 4.0, 3.0])  # |.| decides, not the sign
+    perm = torch.randperm(DIM)
+    got = tophash_indices(feature, 3, perm)[0]
+    assert got.tolist() == sorted(perm[[3, 10, 200]].tolist())
+
+
+def test_pack_roundtrip_and_popcount():
+    idx = _random_masks(7, 41)
+    packed = pack_indices(idx, DIM)
+    assert packed.dtype == torch.uint8 and packed.shape == (7, 40)
+    for row, back in zip(idx, unpack_indices(packed, DIM)):
+        assert torch.equal(row, back)
+    dense = unpack_bits(packed, DIM).float()
+    assert torch.equal(overlap_counts(packed, packed), (dense @ dense.T).int())
+
+
+def test_overlap_counts_chunked_matches_unchunked():
+    stored = pack_indices(_random_masks(50, 30, seed=1), DIM)
+    query = pack_indices(_random_masks(3, 30, seed=2), DIM)
+    assert torch.equal(overlap_counts(query, stored, chunk_rows=7), overlap_counts(query, stored))
+
+
+def test_match_routes_threshold_ties_and_disabled():
+    stored_idx = _random_masks(4, 20)
+    stored = pack_indices(torch.cat([stored_idx, stored_idx[1:2]]), DIM)  # row 4 duplicates row 1
+    query = pack_indices(stored_idx[[1, 2]], DIM)
+    route, best, overlap = match_routes(query, stored, 20, 0.9)
+    assert route.tolist() == [1, 2]  # tie between rows 1 and 4 goes to the earlier edit
+    assert overlap.tolist() == [1.0, 1.0]
+    enabled = torch.tensor([True, False, True, True, True])
+    route, _, _ = match_routes(query, stored, 20, 0.9, enabled)
+    assert route.tolist() == [4, 2]
+    # An unrelated query stays below the threshold and is not routed.
+    other = pack_indices(_random_masks(1, 20, seed=9), DIM)
+    route, _, overlap = match_routes(other, stored, 20, 0.9)
+    assert route.tolist() == [NO_ROUTE] and overlap.item() < 0.9
+
+
+def test_match_routes_with_no_edits():
+    route, best, overlap = match_routes(pack_indices(_random_masks(2, 5), DIM), torch.zeros(0, 40, dtype=torch.uint8), 5, 0.1)
+    assert route.tolist() == [NO_ROUTE, NO_ROUTE] and overlap.tolist() == [0.0, 0.0]
+
+
+def test_masked_residual_equals_dense_formula():
+    x = torch.randn(5, DIM, dtype=torch.float64)
+    memory = torch.randn(16, DIM, dtype=torch.float64)
+    idx = _random_masks(1, 33)[0]
+    mask = torch.zeros(DIM, dtype=torch.float64)
+    mask[idx] = 1
+    assert torch.allclose(masked_residual(x, memory, idx), (x * mask) @ memory.T)
+
+
+def test_residual_by_route_is_exactly_zero_when_unrouted():
+    x = torch.randn(6, DIM)
+    memory = torch.randn(8, DIM)
+    idx = _random_masks(2, 25)
+    packed = pack_indices(idx, DIM)
+    routes = torch.tensor([NO_ROUTE, 0, 1, NO_ROUTE, 1, 0])
+    out = residual_by_route(x, memory, routes, packed)
+    assert torch.equal(out[[0, 3]], torch.zeros(2, 8))
+    for token, edit in [(1, 0), (2, 1), (4, 1), (5, 0)]:
+        assert torch.allclose(out[token], masked_residual(x[token], memory, idx[edit]))
+
+
+def test_aggregations_ignore_padding():
+    x = torch.randn(2, 4, 6)
+    prompt = torch.tensor([[True, True, False, False], [False, True, True, True]])
+    mean = aggregate_prompt_feature(x, prompt, "mean")
+    assert torch.allclose(mean[0], x[0, :2].mean(0)) and torch.allclose(mean[1], x[1, 1:].mean(0))
+    last = aggregate_prompt_feature(x, prompt, "last")
+    assert torch.equal(last[0], x[0, 1]) and torch.equal(last[1], x[1, 3])
+    bg = torch.randn(6)
+    assert torch.allclose(aggregate_prompt_feature(x, prompt, "mean_decentered", bg), mean - bg)
+    with pytest.raises(ValueError, match="background"):
+        aggregate_prompt_feature(x, prompt, "mean_decentered")
+    with pytest.raises(ValueError, match="unknown prompt_feature_agg"):
+        aggregate_prompt_feature(x, prompt, "max")

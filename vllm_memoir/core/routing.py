@@ -1,0 +1,49 @@
+"""EditRouter: from prompt features to per-request routes, against an artifact's stored masks.
+
+Shared by the transformers reference (edit_tools.hf_model) and the vLLM plugin.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .artifact import MemoirArtifact
+from .tophash import NO_ROUTE, match_routes, pack_indices, tophash_indices
+
+
+@dataclass
+class RouteDecision:
+    route: int  # matched edit row, or NO_ROUTE
+    best_edit: int  # best-overlapping edit row (NO_ROUTE when no edits are stored)
+    overlap: float  # best overlap in [0, 1]
+
+    @property
+    def routed(self) -> bool:
+        return self.route != NO_ROUTE
+
+
+class EditRouter:
+    """Stored masks plus the settings that turn a prompt feature into a route."""
+
+    def __init__(self, artifact: MemoirArtifact, device: torch.device | str = "cpu"):
+        manifest = artifact.manifest
+        self.top_k = manifest.top_k
+        self.irr_threshold = manifest.irr_threshold
+        self.aggregation = manifest.aggregation
+        self.dim = manifest.intermediate_size
+        self.permutation = artifact.permutation.to(device)
+        self.background_mean = None if artifact.background_mean is None else artifact.background_mean.to(device)
+        self.masks = artifact.masks.to(device)
+        self.enabled = artifact.enabled.to(device)
+
+    def query_masks(self, features: torch.Tensor) -> torch.Tensor:
+        """Packed TopHash masks [B, W] of features [B, D]."""
+        indices = tophash_indices(features, self.top_k, self.permutation.to(features.device))
+        return pack_indices(indices, self.dim)
+
+    def route_features(self, features: torch.Tensor) -> list[RouteDecision]:
+        query = self.query_masks(features).to(self.masks.device)
+        route, best, overlap = match_routes(query, self.masks, self.top_k, self.irr_threshold, self.enabled)
+        return [RouteDecision(int(r), int(b), float(o)) for r, b, o in zip(route, best, overlap)]
