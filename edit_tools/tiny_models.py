@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers, processors, decoders
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
@@ -39,6 +39,23 @@ def build_word_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
     )
 
 
+def build_bpe_tokenizer(texts: list[str], vocab_size: int = 2000) -> PreTrainedTokenizerFast:
+    """Byte-level BPE trained on `texts`: real-world text tokenizes without unknowns."""
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tokenizer.train_from_iterator(texts, trainer)
+    bos = tokenizer.token_to_id("<s>")
+    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
 def default_words() -> list[str]:
     base = (
         "the a of in is was who what where which city country language born works for capital "
@@ -57,11 +74,12 @@ def build_tiny_llama(
     seed: int = 0,
     words: list[str] | None = None,
     init_std: float = 0.2,
+    tokenizer: PreTrainedTokenizerFast | None = None,
 ) -> Path:
     """Save a random Llama + tokenizer to out_dir and return it. head_dim >= 32 for vLLM's CPU backend."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_word_tokenizer(words or default_words())
+    tokenizer = tokenizer or build_word_tokenizer(words or default_words())
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,

@@ -134,7 +134,8 @@ dir_to_save_background_features: "./background_features/llama3_background_featur
         MemoirHyperParams.from_yaml(path)
 
 
-def test_cli_edit_and_evaluate_on_shared_zsre(tiny_model_dir, shared_data, tmp_path):
+def test_cli_edit_and_evaluate_on_shared_zsre(tiny_bpe_model_dir, shared_data, tmp_path):
+    tiny_model_dir = tiny_bpe_model_dir
     hp = tmp_path / "hp.yaml"
     hp.write_text(
         f"alg_name: MEMOIR\ninner_params: ['model.layers[{LAYER}].mlp.down_proj.weight']\ntop_k: 128\n"
@@ -162,6 +163,7 @@ def test_cli_edit_and_evaluate_on_shared_zsre(tiny_model_dir, shared_data, tmp_p
 
 def test_sigkilled_cli_job_resumes_to_the_uninterrupted_result(tiny_model_dir, words_dataset, tmp_path):
     import os
+    import random
     import signal
     import time
 
@@ -177,8 +179,8 @@ def test_sigkilled_cli_job_resumes_to_the_uninterrupted_result(tiny_model_dir, w
     proc = subprocess.Popen(cmd + [str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and not (killed / "manifest.json").exists():
-        time.sleep(0.05)
-    time.sleep(0.3)  # land somewhere inside a later edit or write
+        time.sleep(0.005)
+    time.sleep(random.uniform(0.0, 0.05))  # land somewhere inside a later edit or write
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     done_before = load_artifact(killed).manifest.num_edits

@@ -1,0 +1,38 @@
+"""Prometheus counters of routing decisions.
+
+Decisions are made in the worker process, while /metrics is served by the API server
+process. They meet through prometheus_client's multiprocess mode: when
+PROMETHEUS_MULTIPROC_DIR is set before any process imports prometheus_client (memoir-serve
+sets it; vLLM itself sets it when it runs several API server processes), counters written
+here land in that directory and vLLM's /metrics collects every process's files. Without it
+the counters still count, but only inside the worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+logger = logging.getLogger(__name__)
+
+_counters = None
+
+
+def _get_counters():
+    global _counters
+    if _counters is None:
+        from prometheus_client import Counter
+
+        if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            logger.info("MEMOIR: PROMETHEUS_MULTIPROC_DIR is unset; routing counters stay out of /metrics "
+                        "(memoir-serve sets it)")
+        _counters = (
+            Counter("memoir:routed_requests", "Requests routed to a stored MEMOIR edit"),
+            Counter("memoir:unrouted_requests", "Requests served by the base model (no edit matched)"),
+        )
+    return _counters
+
+
+def count_decision(routed: bool) -> None:
+    routed_counter, unrouted_counter = _get_counters()
+    (routed_counter if routed else unrouted_counter).inc()

@@ -1,0 +1,85 @@
+"""MEMOIR model classes: vLLM's own CausalLM classes with layer L's down_proj swapped.
+
+Select one with --hf-overrides '{"architectures": ["MemoirLlamaForCausalLM"],
+"memoir_path": "/path/to/artifact"}'. Everything but the edited layer's down_proj is the
+stock vLLM model, and the base checkpoint loads unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from vllm.config import VllmConfig
+from vllm.model_executor.models.llama import LlamaForCausalLM
+from vllm.model_executor.models.mistral import MistralForCausalLM
+from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
+
+from vllm_memoir import request_routes
+from vllm_memoir.core import ArtifactError, MemoirArtifact, load_artifact
+from vllm_memoir.routed_down_proj import install_memoir_down_proj
+from vllm_memoir.plugin import V1_TRACKER
+from vllm_memoir.validation import (
+    MemoirConfigError,
+    ServedModel,
+    check_artifact_fits,
+    check_engine_settings,
+    load_manifest,
+    memoir_path_from_config,
+    served_fingerprint,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def load_artifact_for(vllm_config: VllmConfig) -> MemoirArtifact:
+    """Check the engine settings and the artifact against the served model, then load it."""
+    check_engine_settings(vllm_config)
+    if not vllm_config.use_v2_model_runner and request_routes.active() is None:
+        raise MemoirConfigError(f"MEMOIR on vLLM's V1 model runner needs --logits-processors {V1_TRACKER}")
+    model_config = vllm_config.model_config
+    path = memoir_path_from_config(model_config.hf_config)
+    manifest = load_manifest(path)
+    served = ServedModel(
+        model_dir=Path(model_config.model),
+        config=model_config.hf_config.to_dict(),
+        dtype=model_config.dtype,
+        tp_size=vllm_config.parallel_config.tensor_parallel_size,
+    )
+    check_artifact_fits(manifest, served, path)
+    try:
+        artifact = load_artifact(path, expected_fingerprint=served_fingerprint(manifest, served))
+    except ArtifactError as exc:
+        raise MemoirConfigError(str(exc)) from exc
+    logger.info("MEMOIR: artifact %s (version %d, %d edits) matches %s", path, manifest.version,
+                manifest.num_edits, model_config.model)
+    return artifact
+
+
+class MemoirModelMixin:
+    """Mixed in before a vLLM CausalLM class whose decoder stack is `self.model.layers`."""
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
+        artifact = load_artifact_for(vllm_config)
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        install_memoir_down_proj(self.model, artifact.manifest.layer_index, artifact)
+
+    @staticmethod
+    def get_model_state_cls():
+        # Consulted by Model Runner V2 only.
+        from vllm_memoir.runner_v2 import MemoirModelState
+
+        return MemoirModelState
+
+
+class MemoirLlamaForCausalLM(MemoirModelMixin, LlamaForCausalLM):
+    pass
+
+
+class MemoirQwen2ForCausalLM(MemoirModelMixin, Qwen2ForCausalLM):
+    pass
+
+
+class MemoirMistralForCausalLM(MemoirModelMixin, MistralForCausalLM):
+    pass
+

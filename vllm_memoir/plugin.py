@@ -1,0 +1,38 @@
+"""vLLM general plugin: runs in every vLLM process (API server, engine core, workers)."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+ARCHITECTURES = ("MemoirLlamaForCausalLM", "MemoirQwen2ForCausalLM", "MemoirMistralForCausalLM")
+LOG_LEVEL_ENV = "MEMOIR_LOG_LEVEL"
+# The V1 runner's request tracker, for --logits-processors (see runner_v1).
+V1_TRACKER = "vllm_memoir.runner_v1:MemoirBatchTracker"
+
+
+def register() -> None:
+    from vllm import ModelRegistry
+
+    _configure_logging()
+    for name in ARCHITECTURES:
+        # Lazy "module:class" strings: the model module imports torch-heavy vLLM layers.
+        ModelRegistry.register_model(name, f"vllm_memoir.models:{name}")
+
+
+def _configure_logging() -> None:
+    """Log vllm_memoir through a handler formatted like vLLM's, at MEMOIR_LOG_LEVEL (default INFO).
+
+    Its own handler, because vLLM's filters at VLLM_LOGGING_LEVEL: MEMOIR_LOG_LEVEL=DEBUG
+    shows each request's routing decision without turning on vLLM's debug logs.
+    """
+    memoir_logger = logging.getLogger("vllm_memoir")
+    if memoir_logger.handlers:
+        return
+    vllm_handlers = [h for h in logging.getLogger("vllm").handlers if isinstance(h, logging.StreamHandler)]
+    handler = logging.StreamHandler(vllm_handlers[0].stream if vllm_handlers else None)
+    if vllm_handlers and vllm_handlers[0].formatter is not None:
+        handler.setFormatter(vllm_handlers[0].formatter)
+    memoir_logger.addHandler(handler)
+    memoir_logger.setLevel(os.environ.get(LOG_LEVEL_ENV, "INFO").upper())
+    memoir_logger.propagate = False

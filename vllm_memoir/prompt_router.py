@@ -1,0 +1,78 @@
+"""Prompt features -> routing decisions on one tensor-parallel rank.
+
+Each rank holds a contiguous 1/tp slice of the intermediate dimension (like the
+RowParallelLinear down_proj), so it sees only its slice of the prompt feature. TopHash
+needs the global top-k of |feature|: every rank takes its local top-k candidates, all ranks
+all-gather them, and the union's top-k is the global top-k -- identical on every rank, and
+only computed on steps where a prompt is prefilled. The stored masks are global bitsets,
+replicated on every rank, so matching is exactly the single-device computation.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Callable
+
+import torch
+
+from vllm_memoir.core import MemoirArtifact, aggregate_prompt_feature, unpack_bits
+from vllm_memoir.core.routing import EditRouter, RouteDecision
+
+AllGather = Callable[[torch.Tensor], torch.Tensor]  # concatenates ranks' tensors along the last dim
+
+
+class ShardedPromptRouter:
+    def __init__(self, artifact: MemoirArtifact, tp_rank: int, tp_size: int, device: torch.device,
+                 all_gather: AllGather | None = None, column_cache_size: int = 4096):
+        manifest = artifact.manifest
+        self.dim = manifest.intermediate_size
+        self.local_dim = self.dim // tp_size
+        if tp_size > 1 and self.dim >= 1 << 24:
+            raise ValueError(f"intermediate_size {self.dim} is too large for float32-exact index exchange")
+        self.offset = tp_rank * self.local_dim
+        self.tp_size = tp_size
+        self.top_k = manifest.top_k
+        self.aggregation = manifest.aggregation
+        self.router = EditRouter(artifact, device)
+        bg = self.router.background_mean
+        self.local_background = None if bg is None else bg[self.offset:self.offset + self.local_dim]
+        self.all_gather = all_gather
+        self._columns: OrderedDict[int, torch.Tensor] = OrderedDict()
+        self._column_cache_size = column_cache_size
+
+    def prompt_feature(self, x_prompt: torch.Tensor) -> torch.Tensor:
+        """[T, D_local] down_proj inputs of one prompt -> [D_local] (this rank's slice)."""
+        mask = torch.ones(1, x_prompt.shape[0], dtype=torch.bool, device=x_prompt.device)
+        return aggregate_prompt_feature(x_prompt.unsqueeze(0), mask, self.aggregation, self.local_background)[0]
+
+    def decide(self, local_features: torch.Tensor) -> list[RouteDecision]:
+        """[B, D_local] feature slices -> one decision per prompt (the same on every rank)."""
+        return self.router.route_features(self._global_features(local_features))
+
+    def _global_features(self, local: torch.Tensor) -> torch.Tensor:
+        if self.tp_size == 1:
+            return local
+        # Only the global top-k matters to TopHash: gather each rank's top-k candidates and
+        # place them in an otherwise-zero global vector, whose top-k is then exactly theirs.
+        k = min(self.top_k, self.local_dim)
+        values, indices = torch.topk(local.float().abs(), k, dim=-1)
+        # One float32 collective for (value, global index) pairs: vLLM's CPU shared-memory
+        # all-gather has no int64 kernel, and indices < 2**24 are exact in float32.
+        pairs = torch.stack([values, (indices + self.offset).float()], dim=1)  # [B, 2, k]
+        gathered = self.all_gather(pairs.contiguous())  # [B, 2, k * tp]
+        dense = torch.zeros(local.shape[0], self.dim, dtype=torch.float32, device=local.device)
+        return dense.scatter_(1, gathered[:, 1].long(), gathered[:, 0])
+
+    def local_columns(self, edit: int) -> torch.Tensor:
+        """This rank's active columns of a stored edit's mask (indices into its D_local slice)."""
+        cols = self._columns.get(edit)
+        if cols is None:
+            active = unpack_bits(self.router.masks[edit:edit + 1], self.dim)[0].nonzero().flatten()
+            local = active[(active >= self.offset) & (active < self.offset + self.local_dim)]
+            cols = local - self.offset
+            self._columns[edit] = cols
+            if len(self._columns) > self._column_cache_size:
+                self._columns.popitem(last=False)
+        else:
+            self._columns.move_to_end(edit)
+        return cols

@@ -1,0 +1,180 @@
+"""Which edit each request of the running batch follows, on one worker.
+
+The one place that knows about requests. Runner adapters (runner_v1, runner_v2) feed it
+batch changes before each forward; the routing op reads it during the forward and records
+the decisions it makes at a prompt's prefill.
+
+State is kept per *slot*, in persistent int64 buffers (route, prompt length). The V1 runner's slots are its persistent-batch rows (moved and
+swapped as the batch condenses); the V2 runner's slots are its request-state indices, and
+each step maps batch rows to slots. Decisions are cached by a hash of the prompt token ids:
+the decision depends only on the prompt, so a request that leaves the batch (unscheduled or
+preempted) and comes back gets the same route without its prompt being seen again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from vllm_memoir.core import NO_ROUTE
+from vllm_memoir.core.routing import RouteDecision
+
+logger = logging.getLogger(__name__)
+
+PENDING = -2  # decided by the routing op at this request's prefill
+DEFAULT_CACHE_SIZE = 1 << 18
+DEFAULT_CAPACITY = 256  # slots, when the runner does not say (max_num_seqs)
+
+
+def prompt_key(prompt_token_ids: Sequence[int]) -> bytes:
+    return hashlib.blake2b(np.asarray(prompt_token_ids, dtype=np.int64).tobytes(), digest_size=16).digest()
+
+
+class RequestRoutes:
+    """Per-slot routes and prompt lengths in persistent int64 buffers, plus the decision cache.
+
+    The buffers are allocated once (sized for the runner's max_num_seqs) and written in
+    place before each forward, so the routing op reads state that outlives the step.
+    """
+
+    def __init__(self, cache_size: int = DEFAULT_CACHE_SIZE, capacity: int = DEFAULT_CAPACITY):
+        self.slot_route = torch.full((capacity,), NO_ROUTE, dtype=torch.int64)
+        self.slot_prompt_len = torch.zeros(capacity, dtype=torch.int64)
+        self._key: list[bytes | None] = [None] * capacity
+        self._row_slots: torch.Tensor | None = None  # None: row i is slot i (V1)
+        self.num_rows = 0
+        self._cache: OrderedDict[bytes, RouteDecision] = OrderedDict()
+        self._cache_size = cache_size
+        # Decisions not yet logged and counted: (decision, prompt length). New requests only.
+        self.new_decisions: list[tuple[RouteDecision, int]] = []
+
+    # --- batch changes (runner adapters) ------------------------------------------------------
+
+    def _ensure(self, slot: int) -> None:
+        capacity = self.slot_route.shape[0]
+        if slot < capacity:
+            return
+        # Only when a runner has more slots than it announced; growing reallocates once.
+        grown = max(slot + 1, 2 * capacity)
+        logger.warning("MEMOIR: growing per-request buffers from %d to %d slots", capacity, grown)
+        route = torch.full((grown,), NO_ROUTE, dtype=torch.int64)
+        prompt_len = torch.zeros(grown, dtype=torch.int64)
+        route[:capacity], prompt_len[:capacity] = self.slot_route, self.slot_prompt_len
+        self.slot_route, self.slot_prompt_len = route, prompt_len
+        self._key += [None] * (grown - capacity)
+
+    def _set(self, slot: int, route: int, prompt_len: int, key: bytes | None) -> None:
+        self.slot_route[slot] = route
+        self.slot_prompt_len[slot] = prompt_len
+        self._key[slot] = key
+
+    def add(self, slot: int, prompt_token_ids: Sequence[int] | None, is_new_request: bool = False) -> None:
+        """A request enters the batch at `slot` (new, resumed after preemption, or rescheduled)."""
+        self._ensure(slot)
+        if not prompt_token_ids:
+            # Prompt embeddings carry no token ids; start-up refuses them, so this is a guard.
+            logger.warning("MEMOIR: request in slot %d has no prompt token ids; serving it unrouted", slot)
+            self._set(slot, NO_ROUTE, 0, None)
+            return
+        key = prompt_key(prompt_token_ids)
+        decision = self._cache.get(key)
+        if decision is None:
+            self._set(slot, PENDING, len(prompt_token_ids), key)
+            return
+        self._cache.move_to_end(key)
+        self._set(slot, decision.route, len(prompt_token_ids), key)
+        if is_new_request:
+            self.new_decisions.append((decision, len(prompt_token_ids)))
+        else:
+            logger.debug("MEMOIR: request back in the batch (rescheduled or resumed after preemption) "
+                         "keeps its route %d (prompt_tokens=%d)", decision.route, len(prompt_token_ids))
+
+    def remove(self, slot: int) -> None:
+        if slot < self.slot_route.shape[0]:
+            self._set(slot, NO_ROUTE, 0, None)
+
+    def move(self, src: int, dst: int) -> None:
+        """One-way move src -> dst (dst's previous occupant is gone)."""
+        self._ensure(max(src, dst))
+        self._set(dst, int(self.slot_route[src]), int(self.slot_prompt_len[src]), self._key[src])
+        self.remove(src)
+
+    def swap(self, a: int, b: int) -> None:
+        self._ensure(max(a, b))
+        for column in (self.slot_route, self.slot_prompt_len):
+            column[[a, b]] = column[[b, a]]
+        self._key[a], self._key[b] = self._key[b], self._key[a]
+
+    def set_batch(self, num_rows: int, row_slots: Sequence[int] | None = None) -> None:
+        """This step's batch size and, for runners whose rows are not slots, row -> slot."""
+        self.num_rows = num_rows
+        self._row_slots = None if row_slots is None else torch.as_tensor(list(row_slots), dtype=torch.int64)
+        if num_rows:
+            self._ensure(int(self._slot_index(num_rows).max()))
+
+    # --- the forward pass (routing op) --------------------------------------------------------
+
+    def _slot_index(self, num_rows: int) -> torch.Tensor:
+        if self._row_slots is None:
+            return torch.arange(num_rows)
+        return self._row_slots[:num_rows]
+
+    def _slot(self, row: int) -> int:
+        return row if self._row_slots is None else int(self._row_slots[row])
+
+    def row_routes(self) -> list[int]:
+        """Route of each batch row this step: an edit row, NO_ROUTE or PENDING."""
+        if self._row_slots is None:
+            return self.slot_route[: self.num_rows].tolist()
+        return self.slot_route[self._slot_index(self.num_rows)].tolist()
+
+    def row_prompt_len(self, row: int) -> int:
+        return int(self.slot_prompt_len[self._slot(row)])
+
+    def record(self, row: int, decision: RouteDecision) -> None:
+        """The routing op decided a pending row at its prefill."""
+        slot = self._slot(row)
+        key = self._key[slot]
+        self.slot_route[slot] = decision.route
+        if key is not None:
+            self._cache[key] = decision
+            if len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        self.new_decisions.append((decision, int(self.slot_prompt_len[slot])))
+
+    def take_new_decisions(self) -> list[tuple[RouteDecision, int]]:
+        decisions, self.new_decisions = self.new_decisions, []
+        return decisions
+
+
+_ACTIVE: RequestRoutes | None = None
+_OWNER: object | None = None
+
+
+def attach(owner: object, capacity: int = DEFAULT_CAPACITY) -> RequestRoutes:
+    """The worker's RequestRoutes, fed by exactly one runner adapter (`owner`), with
+    buffers for `capacity` slots (the runner's max_num_seqs).
+
+    Two feeders would apply every batch change twice (e.g. the tracker listed twice in
+    --logits-processors), so a second one is refused.
+    """
+    global _ACTIVE, _OWNER
+    if _OWNER is not None and _OWNER is not owner:
+        raise RuntimeError(
+            f"MEMOIR: a second request tracker ({type(owner).__name__}) was created in this worker; "
+            "list vllm_memoir.runner_v1:MemoirBatchTracker once in --logits-processors"
+        )
+    if _ACTIVE is None:
+        _ACTIVE = RequestRoutes(capacity=capacity)
+    _OWNER = owner
+    return _ACTIVE
+
+
+def active() -> RequestRoutes | None:
+    """The worker's RequestRoutes, or None when no runner adapter is feeding one."""
+    return _ACTIVE

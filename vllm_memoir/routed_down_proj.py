@@ -1,0 +1,174 @@
+"""The edited layer's down_proj: the base projection plus the routed residual memory.
+
+out = W0 x + W_m (m * x), where m is the mask of the edit the request was routed to, and
+nothing is added (bit-identical base output) for requests that matched no edit. The base
+weight loads from the checkpoint unchanged; the memory sits beside it as a buffer.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from vllm.distributed import get_tp_group, tensor_model_parallel_all_reduce
+from vllm.model_executor.layers.linear import RowParallelLinear
+
+from vllm_memoir import metrics, request_routes, routing_op
+from vllm_memoir.core import NO_ROUTE, MemoirArtifact, masked_residual
+from vllm_memoir.prompt_router import ShardedPromptRouter
+from vllm_memoir.request_routes import PENDING, RequestRoutes
+from vllm_memoir.routing_op import TokenLayout
+
+logger = logging.getLogger(__name__)
+
+
+class MemoirDownProj(RowParallelLinear):
+    """RowParallelLinear with this rank's slice of W_m, routed per request by a custom op."""
+
+    @classmethod
+    def replacing(cls, base: RowParallelLinear, artifact: MemoirArtifact) -> "MemoirDownProj":
+        """A MemoirDownProj built with `base`'s settings (its weights are loaded afterwards)."""
+        if base.quant_config is not None:
+            raise ValueError("MEMOIR does not support a quantized edited layer")
+        return cls(
+            input_size=base.input_size,
+            output_size=base.output_size,
+            bias=base.bias is not None,
+            input_is_parallel=base.input_is_parallel,
+            skip_bias_add=base.skip_bias_add,
+            params_dtype=base.params_dtype,
+            reduce_results=base.reduce_results,
+            quant_config=None,
+            prefix=base.prefix,
+            return_bias=base.return_bias,
+            disable_tp=base.disable_tp,
+            artifact=artifact,
+        )
+
+    def __init__(self, *args, artifact: MemoirArtifact, **kwargs):
+        super().__init__(*args, **kwargs)
+        if not self.input_is_parallel:
+            raise ValueError("MEMOIR expects the down_proj input to be tensor-parallel already")
+        local = self.input_size_per_partition
+        start = self.tp_rank * local
+        memory = artifact.memory[:, start:start + local].to(self.weight.device, self.params_dtype)
+        self.register_buffer("memory", memory.contiguous(), persistent=False)
+        all_gather = (lambda t: get_tp_group().all_gather(t, dim=-1)) if self.tp_size > 1 else None
+        self.router = ShardedPromptRouter(artifact, self.tp_rank, self.tp_size, self.weight.device, all_gather)
+        self.edit_ids = [e.edit_id for e in artifact.edits]
+        self.layer_name = self.prefix
+        routing_op.register_layer(self.layer_name, self)
+
+    def forward(self, input_):
+        # RowParallelLinear.forward with the routed residual added to this rank's partial
+        # output before the all-reduce, so routing adds no collective on decode steps.
+        bias = None if (self.tp_rank > 0 or self.skip_bias_add) else self.bias
+        output = self.quant_method.apply(self, input_, bias)
+        torch.ops.memoir.add_routed_residual_(output, input_, self.layer_name)
+        if self.reduce_results and self.tp_size > 1:
+            output = tensor_model_parallel_all_reduce(output)
+        if not self.return_bias:
+            return output
+        return output, (self.bias if self.skip_bias_add else None)
+
+    # --- the routing step (runs inside the custom op) -----------------------------------------
+
+    def add_routed_residual(self, out: torch.Tensor, x: torch.Tensor) -> None:
+        routes = request_routes.active()
+        if routes is None or routes.num_rows == 0:
+            return  # profiling and warm-up runs carry no requests
+        layout = routing_op.current_layout()
+        if layout is None:
+            return
+        if layout.num_rows < routes.num_rows:
+            raise RuntimeError(
+                f"MEMOIR: the forward holds {layout.num_rows} requests but the tracker has {routes.num_rows}"
+            )
+        row_routes = routes.row_routes()
+        pending = [row for row, route in enumerate(row_routes) if route == PENDING]
+        if pending:
+            self._decide(pending, x, layout, routes, row_routes)
+        if routes.new_decisions:
+            self._report(routes)
+        if self.tp_rank == 0 and logger.isEnabledFor(logging.DEBUG):
+            self._log_recomputes(routes, row_routes, layout)
+        by_edit: dict[int, list[int]] = {}
+        for row, route in enumerate(row_routes):
+            if route != NO_ROUTE:
+                by_edit.setdefault(route, []).append(row)
+        for edit, rows in by_edit.items():
+            self._add_edit_residual(out, x, edit, rows, layout)
+
+    def _decide(self, pending: list[int], x: torch.Tensor, layout: TokenLayout, routes: RequestRoutes,
+                row_routes: list[int]) -> None:
+        """Route each pending row from its prompt positions, all present in this forward."""
+        features = []
+        for row in pending:
+            start, end = layout.tokens(row)
+            prompt_len = routes.row_prompt_len(row)
+            if layout.first_position(row) != 0 or end - start < prompt_len:
+                raise RuntimeError(
+                    f"MEMOIR: a request's prefill holds positions {layout.first_position(row)}.."
+                    f"{layout.first_position(row) + end - start - 1} of a {prompt_len}-token prompt; "
+                    "routing needs whole prompts (is prefix caching or chunked prefill on?)"
+                )
+            features.append(self.router.prompt_feature(x[start:start + prompt_len]))
+        decisions = self.router.decide(torch.stack(features))
+        for row, decision in zip(pending, decisions):
+            routes.record(row, decision)
+            row_routes[row] = decision.route
+
+    def _report(self, routes: RequestRoutes) -> None:
+        decisions = routes.take_new_decisions()
+        if self.tp_rank != 0:
+            return
+        for decision, prompt_len in decisions:
+            metrics.count_decision(decision.routed)
+            if decision.routed:
+                logger.debug("MEMOIR route: edit_id=%s (row %d) overlap=%.3f prompt_tokens=%d",
+                             self.edit_ids[decision.route], decision.route, decision.overlap, prompt_len)
+            else:
+                logger.debug("MEMOIR no route: best overlap=%.3f prompt_tokens=%d", decision.overlap, prompt_len)
+
+    @staticmethod
+    def _log_recomputes(routes: RequestRoutes, row_routes: list[int], layout: TokenLayout) -> None:
+        """Requests recomputed from position 0 with generated tokens: preempted ones, coming back."""
+        for row, route in enumerate(row_routes):
+            start, end = layout.tokens(row)
+            prompt_len = routes.row_prompt_len(row)
+            if layout.first_position(row) == 0 and end - start > prompt_len:
+                logger.debug("MEMOIR: preempted request recomputed (%d prompt + %d generated tokens), route %d kept",
+                             prompt_len, end - start - prompt_len, route)
+
+    def _add_edit_residual(self, out: torch.Tensor, x: torch.Tensor, edit: int, rows: list[int],
+                           layout: TokenLayout) -> None:
+        columns = self.router.local_columns(edit)
+        if columns.numel() == 0:
+            return  # none of this edit's columns live on this rank
+        spans = [layout.tokens(row) for row in rows]
+        if len(spans) == 1:
+            start, end = spans[0]
+            out[start:end] += masked_residual(x[start:end], self.memory, columns)
+            return
+        tokens = torch.cat([torch.arange(start, end, device=x.device) for start, end in spans])
+        out.index_add_(0, tokens, masked_residual(x.index_select(0, tokens), self.memory, columns))
+
+
+def install_memoir_down_proj(model: torch.nn.Module, layer_index: int, artifact: MemoirArtifact) -> MemoirDownProj | None:
+    """Swap layer `layer_index`'s mlp.down_proj of a vLLM decoder stack for a MemoirDownProj.
+
+    Returns None when the layer is not on this pipeline rank (PPMissingLayer).
+    """
+    layer = model.layers[layer_index]
+    mlp = getattr(layer, "mlp", None)
+    base = getattr(mlp, "down_proj", None)
+    if base is None:
+        return None
+    if not isinstance(base, RowParallelLinear):
+        raise ValueError(f"layer {layer_index}'s mlp.down_proj is a {type(base).__name__}, expected RowParallelLinear")
+    mlp.down_proj = MemoirDownProj.replacing(base, artifact)
+    logger.info("MEMOIR: layer %d down_proj carries %d edits (top_k=%d, threshold=%.2f, aggregation=%s)",
+                layer_index, artifact.manifest.num_edits, artifact.manifest.top_k,
+                artifact.manifest.irr_threshold, artifact.manifest.aggregation)
+    return mlp.down_proj
