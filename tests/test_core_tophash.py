@@ -47,6 +47,19 @@ def test_overlap_counts_chunked_matches_unchunked():
     assert torch.equal(overlap_counts(query, stored, chunk_rows=7), overlap_counts(query, stored))
 
 
+def test_native_and_swar_popcount_paths_agree():
+    """The CPU path (numpy popcount) and the torch path used on GPU give the same counts."""
+    from vllm_memoir.core.tophash import _overlap_counts_swar
+
+    stored = pack_indices(_random_masks(50, 30, seed=3), DIM)
+    query = pack_indices(_random_masks(4, 30, seed=4), DIM)
+    dense_s, dense_q = unpack_bits(stored, DIM).float(), unpack_bits(query, DIM).float()
+    expected = (dense_q @ dense_s.T).int()
+    words_q, words_s = query.view(torch.int64), stored.view(torch.int64)
+    swar = _overlap_counts_swar(words_q, words_s, torch.empty(4, 50, dtype=torch.int32), chunk_rows=9)
+    assert torch.equal(swar, expected) and torch.equal(overlap_counts(query, stored), expected)
+
+
 def test_match_routes_threshold_ties_and_disabled():
     stored_idx = _random_masks(4, 20)
     stored = pack_indices(torch.cat([stored_idx, stored_idx[1:2]]), DIM)  # row 4 duplicates row 1

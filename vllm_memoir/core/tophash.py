@@ -7,6 +7,7 @@ All functions are pure torch and work on CPU or GPU.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 AGGREGATIONS = ("mean", "mean_decentered", "last")
@@ -98,6 +99,11 @@ def unpack_indices(packed: torch.Tensor, dim: int) -> list[torch.Tensor]:
 
 def unpack_bits(packed: torch.Tensor, dim: int) -> torch.Tensor:
     """[B, W] uint8 -> [B, dim] bool."""
+    if packed.device.type == "cpu":
+        # numpy unpacks into one byte per bit; the int32 path below peaks at ~8x that
+        # (gigabytes for 100k stored masks at start-up validation).
+        bits = np.unpackbits(packed.contiguous().numpy(), axis=1, count=dim, bitorder="little")
+        return torch.from_numpy(bits).view(torch.bool)
     shifts = torch.arange(8, device=packed.device, dtype=torch.int32)
     bits = (packed.to(torch.int32).unsqueeze(-1) >> shifts) & 1
     return bits.reshape(packed.shape[0], -1)[:, :dim].bool()
@@ -111,14 +117,48 @@ def popcount64(words: torch.Tensor) -> torch.Tensor:
     return ((x * _H01) >> 56) & 0xFF
 
 
-def overlap_counts(query: torch.Tensor, stored: torch.Tensor, chunk_rows: int = 65536) -> torch.Tensor:
+def overlap_counts(query: torch.Tensor, stored: torch.Tensor, chunk_rows: int = 4096) -> torch.Tensor:
     """|query_i AND stored_j| for packed masks. query: [Q, W] uint8, stored: [E, W] uint8 -> [Q, E] int32.
 
-    Works on 64-bit words, chunked over stored masks so memory stays bounded at 100k+ edits.
+    Works on 64-bit words, chunked over stored masks so temporaries stay cache-sized at 100k+
+    edits. On CPU it uses numpy's native popcount (np.bitwise_count, ~20x faster than the
+    SWAR arithmetic, which remains the path on GPU).
     """
     q = query.contiguous().view(torch.int64)
     s = stored.contiguous().view(torch.int64)
     out = torch.empty(q.shape[0], s.shape[0], dtype=torch.int32, device=s.device)
+    if s.device.type == "cpu" and hasattr(np, "bitwise_count"):
+        _overlap_counts_numpy(q.cpu().numpy().view(np.uint64), s.numpy().view(np.uint64), out.numpy(), chunk_rows)
+        return out
+    return _overlap_counts_swar(q.to(s.device), s, out, chunk_rows)
+
+
+def _overlap_counts_numpy(q: np.ndarray, s: np.ndarray, out: np.ndarray, chunk_rows: int) -> None:
+    """overlap_counts on CPU: AND, native popcount per word, then the per-mask sum.
+
+    The sum over a mask's words runs as a float32 matrix-vector product with ones: exact
+    (counts stay far below 2**24) and ~5x faster than numpy's integer sum over a short axis,
+    which was the largest part of the step. Buffers are reused across chunks and queries.
+    """
+    rows = min(chunk_rows, s.shape[0])
+    both = np.empty((rows, s.shape[1]), dtype=np.uint64)
+    counts = np.empty((rows, s.shape[1]), dtype=np.uint8)
+    counts_f = np.empty((rows, s.shape[1]), dtype=np.float32)
+    sums = np.empty(rows, dtype=np.float32)
+    ones = np.ones(s.shape[1], dtype=np.float32)
+    for start in range(0, s.shape[0], chunk_rows):
+        block = s[start:start + chunk_rows]
+        n = block.shape[0]
+        for row in range(q.shape[0]):
+            np.bitwise_and(block, q[row], out=both[:n])
+            np.bitwise_count(both[:n], out=counts[:n])
+            counts_f[:n] = counts[:n]
+            np.matmul(counts_f[:n], ones, out=sums[:n])
+            out[row, start:start + n] = sums[:n]
+
+
+def _overlap_counts_swar(q: torch.Tensor, s: torch.Tensor, out: torch.Tensor, chunk_rows: int) -> torch.Tensor:
+    """overlap_counts in plain torch ops on int64 words (any device)."""
     for start in range(0, s.shape[0], chunk_rows):
         block = s[start:start + chunk_rows]
         both = q.unsqueeze(1) & block.unsqueeze(0)
