@@ -101,7 +101,7 @@ def describe(name: str, values: torch.Tensor) -> str:
     return f"  {name:<36} p5 {q['p5']:.3f}  median {q['median']:.3f}  p95 {q['p95']:.3f}  max {q['max']:.3f}"
 
 
-def plot_histogram(dists: Distributions, title: str, path: Path) -> None:
+def plot_histogram(dists: Distributions, title: str, path: Path, threshold: float | None = None) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -111,6 +111,8 @@ def plot_histogram(dists: Distributions, title: str, path: Path) -> None:
     ax.hist(dists.other_edit_best.tolist(), bins=bins, alpha=0.5, label="(a) edit vs other edits (best)")
     ax.hist(dists.paraphrase_own.tolist(), bins=bins, alpha=0.5, label="(b) paraphrase vs own edit")
     ax.hist(dists.unrelated_best.tolist(), bins=bins, alpha=0.5, label="(c) unrelated vs any edit (best)")
+    if threshold is not None:
+        ax.axvline(threshold, color="black", linestyle="--", linewidth=1, label=f"irr_threshold {threshold:.2f}")
     ax.set_xlabel("mask overlap (fraction of top_k)")
     ax.set_ylabel("prompts")
     ax.set_title(title)

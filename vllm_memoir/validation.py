@@ -98,6 +98,45 @@ def check_artifact_fits(manifest: ArtifactManifest, model: ServedModel, where: P
         )
 
 
+# Optional --hf-overrides keys pinning the artifact a deployment expects (see deploy/README.md):
+# every replica compares them with the manifest it reads and refuses to start on a mismatch,
+# so replicas never serve a mix of artifact versions silently.
+EXPECTED_VERSION_KEY = "memoir_expected_version"
+EXPECTED_SHA256_KEY = "memoir_expected_sha256"
+
+
+def artifact_sha256(manifest: ArtifactManifest) -> str:
+    """The artifact's content id: the manifest's checksum of its memory .safetensors file."""
+    return next((digest for name, digest in sorted(manifest.files.items()) if name.endswith(".safetensors")), "")
+
+
+def check_expected_artifact(manifest: ArtifactManifest, hf_config: Any, where: Path) -> None:
+    """Refuse an artifact whose version or content differs from the deployment's pin (if any)."""
+    expected_version = getattr(hf_config, EXPECTED_VERSION_KEY, None)
+    if expected_version is not None:
+        try:
+            expected_version = int(expected_version)
+        except (TypeError, ValueError):
+            raise MemoirConfigError(f"{EXPECTED_VERSION_KEY} must be an integer artifact version, got {expected_version!r}") from None
+        if manifest.version != expected_version:
+            raise MemoirConfigError(
+                f"{where}: artifact version {manifest.version} != the deployment's {EXPECTED_VERSION_KEY} "
+                f"{expected_version} (this replica sees another artifact version than the deployment pinned; "
+                "update the pin or the artifact path)"
+            )
+    expected_sha = getattr(hf_config, EXPECTED_SHA256_KEY, None)
+    if expected_sha is not None:
+        expected_sha = str(expected_sha).strip().lower()
+        if len(expected_sha) < 12:
+            raise MemoirConfigError(f"{EXPECTED_SHA256_KEY} must be at least 12 hex digits of the memory file's sha256")
+        actual = artifact_sha256(manifest)
+        if not actual.startswith(expected_sha):
+            raise MemoirConfigError(
+                f"{where}: memory file sha256 {actual[:16]}... does not match the deployment's {EXPECTED_SHA256_KEY} "
+                f"{expected_sha[:16]}... (artifact version {manifest.version}; another artifact than the deployment pinned)"
+            )
+
+
 def read_checkpoint_tensor(model_dir: Path, name: str) -> torch.Tensor:
     """One tensor of a safetensors checkpoint directory, found through the index when present."""
     index = model_dir / "model.safetensors.index.json"

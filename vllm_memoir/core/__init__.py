@@ -16,6 +16,7 @@ from .tophash import (
     NO_ROUTE,
     aggregate_prompt_feature,
     finish_feature,
+    gathered_residual,
     masked_residual,
     match_routes,
     overlap_counts,

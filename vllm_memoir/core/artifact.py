@@ -91,6 +91,7 @@ class ArtifactManifest:
         unknown = sorted(set(obj) - names)
         if unknown:
             raise ArtifactError(f"{where}: unknown fields {unknown}")
+        _check_field_types(obj, where)
         manifest = cls(**obj)
         if manifest.dtype not in _DTYPES:
             raise ArtifactError(f"{where}: dtype {manifest.dtype!r} is not one of {sorted(_DTYPES)}")
@@ -99,6 +100,37 @@ class ArtifactManifest:
         if not 0 < manifest.top_k <= manifest.intermediate_size:
             raise ArtifactError(f"{where}: top_k {manifest.top_k} outside 1..{manifest.intermediate_size}")
         return manifest
+
+
+# JSON type of each manifest field: a hand-edited or foreign manifest must fail here, naming
+# the field, not later as a TypeError deep in the loader or the server's start-up.
+_FIELD_TYPES = {
+    "base_model": str, "base_fingerprint": str, "module_path": str, "dtype": str, "aggregation": str,
+    "layer_index": int, "hidden_size": int, "intermediate_size": int, "top_k": int, "num_edits": int,
+    "version": int, "format_version": int, "irr_threshold": float, "hparams": dict, "files": dict,
+}
+_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", dict: "an object"}
+_REQUIRED_TENSORS = ("memory", "masks", "permutation")
+
+
+def _check_field_types(obj: dict[str, Any], where: str) -> None:
+    for name, kind in _FIELD_TYPES.items():
+        if name not in obj:
+            continue
+        value = obj[name]
+        ok = isinstance(value, kind) and not isinstance(value, bool)
+        if kind is float:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not ok:
+            raise ArtifactError(f"{where}: field {name!r} must be {_TYPE_NAMES[kind]}, found {type(value).__name__} {value!r:.40}")
+        if kind is int and name != "format_version" and value < 0:
+            raise ArtifactError(f"{where}: field {name!r} must not be negative, found {value}")
+    for name, digest in obj.get("files", {}).items():
+        # Only plain names inside the artifact directory: a manifest must not point the loader elsewhere.
+        if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name or "\\" in name:
+            raise ArtifactError(f"{where}: files: {name!r} is not a file name in the artifact directory")
+        if not isinstance(digest, str):
+            raise ArtifactError(f"{where}: files: the sha256 of {name!r} must be a string")
 
 
 @dataclass
@@ -167,15 +199,26 @@ def save_artifact(artifact: MemoirArtifact, directory: str | os.PathLike) -> Pat
     }
     if artifact.background_mean is not None:
         tensors["background_mean"] = artifact.background_mean.detach().to("cpu", torch.float32).contiguous()
-    _write_atomic(out / tensors_name, lambda p: save_file(tensors, str(p)))
-    lines = "".join(json.dumps(dataclasses.asdict(e)) + "\n" for e in artifact.edits)
-    _write_atomic(out / edits_name, lambda p: p.write_text(lines))
+    saved = (manifest.version, manifest.num_edits, manifest.files)
+    try:
+        _write_atomic(out / tensors_name, lambda p: save_file(tensors, str(p)))
+        lines = "".join(json.dumps(dataclasses.asdict(e)) + "\n" for e in artifact.edits)
+        _write_atomic(out / edits_name, lambda p: p.write_text(lines))
 
-    manifest.version = version
-    manifest.num_edits = len(artifact.edits)
-    manifest.files = {tensors_name: _sha256(out / tensors_name), edits_name: _sha256(out / edits_name)}
-    text = json.dumps(dataclasses.asdict(manifest), indent=2, sort_keys=True)
-    _write_atomic(out / MANIFEST_NAME, lambda p: p.write_text(text))
+        manifest.version = version
+        manifest.num_edits = len(artifact.edits)
+        manifest.files = {tensors_name: _sha256(out / tensors_name), edits_name: _sha256(out / edits_name)}
+        text = json.dumps(dataclasses.asdict(manifest), indent=2, sort_keys=True)
+        _write_atomic(out / MANIFEST_NAME, lambda p: p.write_text(text))
+    except BaseException:
+        # The old manifest still names the old files: drop this version's (they would only
+        # fill a disk that is likely full already) and leave the in-memory manifest as it was.
+        manifest.version, manifest.num_edits, manifest.files = saved
+        if not previous or tensors_name not in previous.get("files", {}):
+            (out / tensors_name).unlink(missing_ok=True)
+        if not previous or edits_name not in previous.get("files", {}):
+            (out / edits_name).unlink(missing_ok=True)
+        raise
     # Old versions are garbage only once the new manifest is in place.
     for stale in out.glob("memoir-v*.safetensors"):
         if stale.name != tensors_name:
@@ -242,14 +285,22 @@ def load_artifact(directory: str | os.PathLike, expected_fingerprint: str | None
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         with safe_open(str(path), framework="pt") as handle:
-            return {name: handle.get_tensor(name) for name in handle.keys()}
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
     except Exception as exc:  # safetensors raises its own error types for corrupt headers
         raise ArtifactError(f"{path}: not a readable safetensors file ({exc})") from exc
+    missing = [name for name in _REQUIRED_TENSORS if name not in tensors]
+    if missing:
+        raise ArtifactError(f"{path}: no tensor {missing[0]!r} (holds {sorted(tensors)})")
+    return tensors
 
 
 def _read_edits(path: Path) -> list[EditRecord]:
     edits = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ArtifactError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         where = f"{path}:{number}"
@@ -257,6 +308,8 @@ def _read_edits(path: Path) -> list[EditRecord]:
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
             raise ArtifactError(f"{where}: not valid JSON ({exc})") from exc
+        if not isinstance(obj, dict):
+            raise ArtifactError(f"{where}: bad edit record (a {type(obj).__name__}, expected a JSON object)")
         edits.append(EditRecord.from_json(obj, where))
     return edits
 

@@ -1,0 +1,261 @@
+"""Edit quality on the facts model: sequential MEMOIR edits for T = 1, 10, 100, 1000.
+
+For each T, the edit tools apply the first T edits of data/facts/zsre-facts-T<T>.json one after
+another (edit_tools.editor.run_edit_job), then EasyEdit's lifelong protocol scores every edit
+on the final model (edit_tools.evaluate): Rel (edit prompt), Gen (held-out paraphrase), Loc
+(unrelated facts unchanged). Also measured: edits per minute of the edit job, and two
+diagnostics that separate the causes of a miss:
+  - `own_mask`: Rel and Gen when each prompt is forced onto its own edit's mask. Low values
+    mean the memory lost the edit (later edits overwrote shared columns, weight decay, no
+    convergence); high values with a low Rel/Gen mean the router sent the prompt elsewhere.
+  - the mask-overlap distributions of benchmarks/mask_overlap.py for the largest T, with the
+    artifact's own background mean: (a) edit prompts vs the other edits, (b) paraphrases vs
+    their own edit, (c) unrelated prompts' best match.
+
+    python benchmarks/quality.py                      # T = 1,10,100,1000, configs/facts-llama.yaml
+    python benchmarks/quality.py --sizes 10,100 --set edit_lr=20 --out /tmp/try
+
+Writes <out>/quality.json, <out>/quality.png (Rel/Gen/Loc against T, log x, with the MEMOIR
+paper's Llama-3-8B ZsRE anchor) and <out>/quality_overlap_T<T>.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))  # for mask_overlap when run as a script
+
+from edit_tools.datasets import EditRequest, load_edit_dataset  # noqa: E402
+from edit_tools.editor import run_edit_job  # noqa: E402
+from edit_tools.evaluate import evaluate_edits  # noqa: E402
+from edit_tools.hf_model import MemoirHFModel  # noqa: E402
+from edit_tools.hparams import MemoirHyperParams  # noqa: E402
+from mask_overlap import best_threshold, overlap_distributions, plot_histogram, prompt_features, quantiles  # noqa: E402
+from vllm_memoir.core import MemoirArtifact  # noqa: E402
+from vllm_memoir.core.tophash import unpack_indices  # noqa: E402
+
+log = logging.getLogger("quality")
+
+DEFAULT_MODEL = REPO / "models" / "facts-llama"
+DEFAULT_HPARAMS = REPO / "configs" / "facts-llama.yaml"
+DEFAULT_DATA = REPO / "data" / "facts" / "zsre-facts-T{size}.json"
+# The MEMOIR paper's Llama-3-8B ZsRE results (Rel, Gen, Loc), for comparison on the plot.
+PAPER_ANCHOR = {1: (1.0, 1.0, 1.0), 1000: (0.94, 0.85, 1.0)}
+TARGETS_T1000 = {"rel": 0.95, "gen": 0.80, "loc": 0.99}
+
+
+def load_hparams(path: Path, overrides: list[str]) -> MemoirHyperParams:
+    """The YAML's hyperparameters with `key=value` overrides (values parsed as YAML)."""
+    obj = yaml.safe_load(Path(path).read_text()) or {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set {item!r}: expected key=value")
+        parsed = yaml.safe_load(value)
+        if isinstance(parsed, str):
+            try:  # YAML reads 1e-5 (no dot) as a string
+                parsed = float(parsed)
+            except ValueError:
+                pass
+        obj[key] = parsed
+    return MemoirHyperParams.from_dict(obj, f"{path} with --set {overrides}")
+
+
+@torch.no_grad()
+def own_mask_accuracy(hf: MemoirHFModel, artifact: MemoirArtifact, requests: list[EditRequest]) -> dict:
+    """Mean Rel and Gen with each prompt forced onto its own edit's mask (routing bypassed)."""
+    masks = unpack_indices(artifact.masks, artifact.manifest.intermediate_size)
+    row_of = {(e.prompt, e.target): row for row, e in enumerate(artifact.edits)}
+    rel, gen = [], []
+    with hf.routing_off():
+        try:
+            for request in requests:
+                hf.layer.train_indices = masks[row_of[(request.prompt, request.target)]].to(hf.device)
+                prompts = [request.prompt] + ([request.rephrase] if request.rephrase else [])
+                rows = hf.score(prompts, [request.target] * len(prompts))
+                rel.append(rows[0].accuracy)
+                if request.rephrase:
+                    gen.append(rows[1].accuracy)
+        finally:
+            hf.layer.train_indices = None
+    return {"rel": sum(rel) / len(rel), "gen": sum(gen) / len(gen) if gen else None}
+
+
+def overlap_summary(hf: MemoirHFModel, artifact: MemoirArtifact, requests: list[EditRequest]):
+    """mask_overlap's three distributions for this artifact's design and background."""
+    manifest = artifact.manifest
+    features = {
+        name: prompt_features(hf, texts, artifact.background_mean, manifest.aggregation)
+        for name, texts in (("edit", [r.prompt for r in requests]), ("paraphrase", [r.rephrase for r in requests]),
+                            ("unrelated", [r.loc for r in requests]))
+    }
+    dists = overlap_distributions(features["edit"], features["paraphrase"], features["unrelated"], manifest.top_k)
+    threshold, balanced = best_threshold(dists.paraphrase_own, dists.unrelated_best)
+    summary = {
+        "other_edit_best": quantiles(dists.other_edit_best),
+        "paraphrase_own": quantiles(dists.paraphrase_own),
+        "paraphrase_best_is_own": dists.paraphrase_best_is_own.float().mean().item(),
+        "unrelated_best": quantiles(dists.unrelated_best),
+        "irr_threshold": manifest.irr_threshold,
+        "paraphrase_own_above_threshold": (dists.paraphrase_own >= manifest.irr_threshold).float().mean().item(),
+        "unrelated_below_threshold": (dists.unrelated_best < manifest.irr_threshold).float().mean().item(),
+        "best_threshold": threshold,
+        "best_balanced_accuracy": balanced,
+    }
+    return summary, dists
+
+
+def run_size(model: Path, data: Path, hp: MemoirHyperParams, work: Path, limit: int | None = None,
+             histogram: Path | None = None) -> dict:
+    """Edit, evaluate and diagnose one edit set; returns its row of the results."""
+    if work.exists():
+        shutil.rmtree(work)  # a fresh job: an old artifact would be resumed or refused
+    requests = load_edit_dataset(data, limit=limit)
+    started = time.perf_counter()
+    artifact = run_edit_job(model, requests, hp, work, progress=False)
+    edit_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    hf = MemoirHFModel.from_pretrained(model, artifact=artifact)
+    metrics = evaluate_edits(hf, requests)
+    eval_seconds = time.perf_counter() - started
+    row = {
+        "T": len(requests),
+        "data": str(data),
+        "rel": metrics["post"]["rel"],
+        "gen": metrics["post"]["gen"],
+        "loc": metrics["post"]["loc"],
+        "pre": metrics["pre"],
+        "routing": metrics["routing"],
+        "own_mask": own_mask_accuracy(hf, artifact, requests),
+        "edit_seconds": round(edit_seconds, 1),
+        "edits_per_minute": round(60 * len(requests) / edit_seconds, 1),
+        "eval_seconds": round(eval_seconds, 1),
+        "wall_seconds": round(edit_seconds + eval_seconds, 1),
+    }
+    if histogram is not None:
+        row["overlap"], dists = overlap_summary(hf, artifact, requests)
+        plot_histogram(dists, f"facts-llama: layer {hp.layer_index}, top_k {hp.top_k}, T={len(requests)}", histogram,
+                       threshold=hp.irr_threshold)
+        log.info("wrote %s", histogram)
+    log.info("T=%d: Rel %.3f Gen %.3f Loc %.3f (own mask: Rel %.3f Gen %.3f), %.1f edits/min",
+             row["T"], row["rel"], row["gen"], row["loc"], row["own_mask"]["rel"], row["own_mask"]["gen"] or 0.0,
+             row["edits_per_minute"])
+    return row
+
+
+def threshold_sweep(model: Path, artifact_dir: Path, data: Path, thresholds: list[float]) -> list[dict]:
+    """Rel/Gen/Loc of a finished artifact at other irr_thresholds (routing changes, the memory does not)."""
+    requests = load_edit_dataset(data)
+    hf = MemoirHFModel.from_pretrained(model, artifact=artifact_dir)
+    rows = []
+    for threshold in thresholds:
+        hf.layer.router.irr_threshold = threshold
+        metrics = evaluate_edits(hf, requests)
+        rows.append({"irr_threshold": threshold, "rel": metrics["post"]["rel"], "gen": metrics["post"]["gen"],
+                     "loc": metrics["post"]["loc"], "routing": metrics["routing"]})
+        log.info("irr_threshold %.3f: Rel %.3f Gen %.3f Loc %.3f (loc routed %.3f)", threshold, rows[-1]["rel"],
+                 rows[-1]["gen"], rows[-1]["loc"], metrics["routing"]["loc_routed"] or 0.0)
+    return rows
+
+
+def plot_quality(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    sizes = [r["T"] for r in rows]
+    for i, (metric, color) in enumerate((("rel", "tab:blue"), ("gen", "tab:orange"), ("loc", "tab:green"))):
+        ax.plot(sizes, [r[metric] for r in rows], "o-", color=color, label=f"{metric.capitalize()} (facts-llama)")
+        anchor_t = sorted(PAPER_ANCHOR)
+        ax.plot(anchor_t, [PAPER_ANCHOR[t][i] for t in anchor_t], "s--", color=color, mfc="none", alpha=0.6,
+                label=f"{metric.capitalize()} (paper, Llama-3-8B ZsRE)")
+    ax.set_xscale("log")
+    ax.set_xlabel("number of sequential edits T")
+    ax.set_ylabel("metric")
+    ax.set_ylim(0, 1.05)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower left", ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    parser.add_argument("--hparams", type=Path, default=DEFAULT_HPARAMS)
+    parser.add_argument("--sizes", default="1,10,100,1000", help="comma list of T; data/facts/zsre-facts-T<T>.json each")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a hyperparameter")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results", help="where the results go")
+    parser.add_argument("--work", type=Path, default=REPO / "runs" / "quality", help="artifacts, one folder per T")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--thresholds", help="comma list: also score the largest T's artifact at these irr_thresholds")
+    parser.add_argument("--thresholds-only", action="store_true",
+                        help="skip editing: score the existing artifact in <work>/T<largest> at --thresholds, update quality.json")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the other T's rows of an existing <out>/quality.json (run sizes in separate processes)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s %(message)s")
+    torch.set_num_threads(args.threads)
+
+    hp = load_hparams(args.hparams, args.set)
+    sizes = [int(s) for s in args.sizes.split(",")]
+    args.out.mkdir(parents=True, exist_ok=True)
+    thresholds = [float(t) for t in args.thresholds.split(",")] if args.thresholds else []
+    largest = max(sizes)
+    largest_data = Path(str(DEFAULT_DATA).format(size=largest))
+    if args.thresholds_only:
+        path = args.out / "quality.json"
+        result = json.loads(path.read_text())
+        row = next(r for r in result["rows"] if r["T"] == largest)
+        row["threshold_sweep"] = threshold_sweep(args.model, args.work / f"T{largest}", largest_data, thresholds)
+        path.write_text(json.dumps(result, indent=2) + "\n")
+        return
+    rows = []
+    for size in sizes:
+        histogram = args.out / f"quality_overlap_T{size}.png" if size == max(sizes) else None
+        rows.append(run_size(args.model, Path(str(DEFAULT_DATA).format(size=size)), hp, args.work / f"T{size}",
+                             histogram=histogram))
+    if thresholds:
+        next(r for r in rows if r["T"] == largest)["threshold_sweep"] = threshold_sweep(args.model, args.work / f"T{largest}", largest_data, thresholds)
+    if args.merge and (args.out / "quality.json").exists():
+        earlier = json.loads((args.out / "quality.json").read_text())
+        if earlier.get("memoir") != hp.to_dict():
+            log.warning("--merge: %s was made with other hyperparameters; not merging its rows", args.out / "quality.json")
+        else:
+            rows = sorted([r for r in earlier["rows"] if r["T"] not in sizes] + rows, key=lambda r: r["T"])
+    result = {
+        "model": str(args.model.relative_to(REPO) if args.model.is_relative_to(REPO) else args.model),
+        "hparams": str(args.hparams.relative_to(REPO) if args.hparams.is_relative_to(REPO) else args.hparams),
+        "overrides": args.set,
+        "memoir": hp.to_dict(),
+        "threads": args.threads,
+        "targets_at_T1000": TARGETS_T1000,
+        "paper_anchor": {str(t): dict(zip(("rel", "gen", "loc"), v)) for t, v in PAPER_ANCHOR.items()},
+        "rows": rows,
+    }
+    (args.out / "quality.json").write_text(json.dumps(result, indent=2) + "\n")
+    plot_quality(rows, args.out / "quality.png",
+                 f"MEMOIR on facts-llama (layer {hp.layer_index}, top_k {hp.top_k}, thr {hp.irr_threshold})")
+    print(f"\n{'T':>5} {'Rel':>6} {'Gen':>6} {'Loc':>6} {'Rel*':>6} {'Gen*':>6} {'edits/min':>10} {'wall s':>8}")
+    for r in rows:
+        print(f"{r['T']:>5} {r['rel']:>6.3f} {r['gen']:>6.3f} {r['loc']:>6.3f} {r['own_mask']['rel']:>6.3f} "
+              f"{r['own_mask']['gen']:>6.3f} {r['edits_per_minute']:>10.1f} {r['wall_seconds']:>8.1f}")
+    print("(Rel*, Gen*: each prompt forced onto its own edit's mask)")
+    log.info("wrote %s and %s", args.out / "quality.json", args.out / "quality.png")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""HTTP admin routes for live edits: a `vllm.endpoint_plugins` entry point (memoir-admin).
+
+    GET  /memoir/edits[?offset=0&limit=100] served version, edits, routing counts
+    POST /memoir/artifact     {"path": P}   validate P and swap it in (no restart)
+    POST /memoir/edits/{id}/disable  [{"persist": true}]
+    POST /memoir/edits/{id}/enable   [{"persist": true}]
+
+Off unless MEMOIR_ADMIN=1 (the routes are then not attached: 404), and vLLM loads endpoint
+plugins only when VLLM_PLUGINS names them (memoir-serve arranges both). Every call needs
+`Authorization: Bearer KEY`, KEY being MEMOIR_ADMIN_KEY when set, else the server's API key
+(--api-key / VLLM_API_KEY); with neither set every call is refused. vLLM's own API-key
+middleware guards only /v1-like paths, hence the check here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import secrets
+from argparse import Namespace
+from typing import Any
+
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+
+from vllm_memoir.edit_control import EditControl, EditControlError
+
+logger = logging.getLogger(__name__)
+
+ADMIN_ENV = "MEMOIR_ADMIN"
+ADMIN_KEY_ENV = "MEMOIR_ADMIN_KEY"
+PLUGIN_NAME = "memoir-admin"
+
+
+def admin_enabled() -> bool:
+    return os.environ.get(ADMIN_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def admin_keys(args: Namespace) -> list[str]:
+    """The accepted bearer tokens: the admin key alone when set, else the server's API keys."""
+    if os.environ.get(ADMIN_KEY_ENV):
+        return [os.environ[ADMIN_KEY_ENV]]
+    keys = getattr(args, "api_key", None) or [os.environ.get("VLLM_API_KEY")]
+    return [key for key in keys if key]
+
+
+class ArtifactBody(BaseModel):
+    path: str
+
+
+class ToggleBody(BaseModel):
+    persist: bool = False
+
+
+class _Refusal(Exception):
+    def __init__(self, status: int, message: str):
+        self.status, self.message = status, message
+
+
+class MemoirAdminPlugin:
+    name = PLUGIN_NAME
+    required_tasks = ("generate",)
+
+    def attach_router(self, app: FastAPI) -> None:
+        if not admin_enabled():
+            logger.info("MEMOIR: admin routes are off (set %s=1 to serve /memoir/...)", ADMIN_ENV)
+            return
+        app.add_exception_handler(_Refusal, _refusal_response)
+        app.include_router(_router())
+        logger.warning("MEMOIR: admin routes /memoir/... are on: they change what the model answers")
+
+    async def init_state(self, engine_client, state, args: Namespace) -> None:
+        if not admin_enabled():
+            return
+        keys = admin_keys(args)
+        if not keys:
+            logger.error("MEMOIR: admin routes are on but no key is set (%s, --api-key or VLLM_API_KEY); "
+                         "every admin call will be refused", ADMIN_KEY_ENV)
+        state.memoir_admin_key_hashes = [hashlib.sha256(k.encode()).digest() for k in keys]
+        state.memoir_edit_control = None if engine_client is None else EditControl(engine_client)
+
+
+def _refusal_response(_request: Request, exc: _Refusal) -> JSONResponse:
+    return JSONResponse(status_code=exc.status, content={"error": exc.message})
+
+
+def _authorized(request: Request) -> EditControl:
+    hashes = getattr(request.app.state, "memoir_admin_key_hashes", [])
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    if not hashes:
+        raise _Refusal(401, f"admin routes need a key: set {ADMIN_KEY_ENV} or --api-key on the server")
+    digest = hashlib.sha256(token.encode()).digest()
+    if scheme.lower() != "bearer" or not any(secrets.compare_digest(digest, h) for h in hashes):
+        raise _Refusal(401, "missing or wrong admin key (Authorization: Bearer KEY)")
+    control = getattr(request.app.state, "memoir_edit_control", None)
+    if control is None:
+        raise _Refusal(503, "this server has no engine to edit")
+    return control
+
+
+async def _run(call) -> dict[str, Any]:
+    try:
+        return await call
+    except EditControlError as exc:
+        logger.warning("MEMOIR: admin change refused: %s", exc)
+        raise _Refusal(exc.status, str(exc)) from exc
+
+
+def _router() -> APIRouter:
+    router = APIRouter(prefix="/memoir", tags=["memoir"])
+
+    @router.get("/edits")
+    async def served_edits(offset: int = Query(0, ge=0), limit: int | None = Query(None, ge=0),
+                           control: EditControl = Depends(_authorized)):
+        return await _run(control.state(offset, limit))
+
+    @router.post("/artifact")
+    async def swap_artifact(body: ArtifactBody, control: EditControl = Depends(_authorized)):
+        return await _run(control.swap(body.path))
+
+    @router.post("/edits/{edit_id}/disable")
+    async def disable_edit(edit_id: int, body: ToggleBody | None = None, control: EditControl = Depends(_authorized)):
+        return await _run(control.set_enabled(edit_id, False, bool(body and body.persist)))
+
+    @router.post("/edits/{edit_id}/enable")
+    async def enable_edit(edit_id: int, body: ToggleBody | None = None, control: EditControl = Depends(_authorized)):
+        return await _run(control.set_enabled(edit_id, True, bool(body and body.persist)))
+
+    return router

@@ -1,0 +1,150 @@
+"""The API server's side of live edits: drives the workers' live_edits through collective_rpc.
+
+A swap: read the new manifest here (a quick refusal for a missing or malformed artifact),
+`prepare` on every worker (load + the start-up checks on a worker thread, beside the served
+edits, while serving continues; polled with `prepared`), then pause the engine in vLLM's
+"wait" mode (new requests queue, requests already running finish under the old edits),
+`commit` on every worker, resume. So every request is served wholly by one version, and
+none fails. Enable/disable need no drain: the rows keep their meaning, so running requests
+keep their route and new ones re-route. One change at a time (a lock); the HTTP layer
+(admin_api) maps EditControlError to a status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from vllm_memoir.core import ArtifactError, load_artifact, read_manifest, save_artifact
+
+logger = logging.getLogger(__name__)
+
+DRAIN_TIMEOUT_ENV = "MEMOIR_ADMIN_DRAIN_TIMEOUT"
+LOAD_TIMEOUT_ENV = "MEMOIR_ADMIN_LOAD_TIMEOUT"
+POLL_SECONDS = 0.05
+EXTENSION = "vllm_memoir.worker_extension.MemoirWorkerExtension"
+
+
+class EditControlError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+_STATUS = {"unknown_edit": 404, "refused": 422}
+
+
+class EditControl:
+    def __init__(self, engine_client: Any, drain_timeout: float | None = None, load_timeout: float | None = None):
+        self.engine = engine_client
+        self.drain_timeout = drain_timeout or float(os.environ.get(DRAIN_TIMEOUT_ENV, "300"))
+        self.load_timeout = load_timeout or float(os.environ.get(LOAD_TIMEOUT_ENV, "600"))
+        self._lock = asyncio.Lock()
+
+    async def _on_workers(self, method: str, *args: Any) -> list[dict[str, Any]]:
+        """Call a MemoirWorkerExtension method on every worker; raise on the first refusal."""
+        try:
+            answers = await self.engine.collective_rpc(method, args=args)
+        except NotImplementedError as exc:
+            raise EditControlError(503, f"the workers lack MEMOIR's admin methods ({exc}): start the server "
+                                        f"with --worker-extension-cls {EXTENSION} (memoir-serve adds it "
+                                        "when MEMOIR_ADMIN=1)") from exc
+        except Exception as exc:  # the engine reports a worker failure as a plain exception
+            if "not implemented" in str(exc):
+                raise EditControlError(503, f"the workers lack MEMOIR's admin methods: start the server with "
+                                            f"--worker-extension-cls {EXTENSION}") from exc
+            raise
+        for answer in answers:
+            if not answer.get("ok"):
+                raise EditControlError(_STATUS.get(answer.get("kind"), 500), answer.get("error", "worker failed"))
+        return answers
+
+    async def state(self, offset: int = 0, limit: int | None = None) -> dict[str, Any]:
+        answers = await self._on_workers("memoir_state", True, offset, limit)
+        versions = {a["version"] for a in answers}
+        if len(versions) != 1:  # cannot happen through this controller; say so if it does
+            raise EditControlError(500, f"tensor-parallel ranks serve different artifact versions {sorted(versions)}")
+        rank0 = next(a for a in answers if a.get("tp_rank", 0) == 0)
+        rank0.pop("ok")
+        rank0.pop("tp_rank", None)
+        return rank0
+
+    async def swap(self, path: str | os.PathLike) -> dict[str, Any]:
+        async with self._lock:
+            return await self._swap(Path(path).resolve())
+
+    async def set_enabled(self, edit_id: int, enabled: bool, persist: bool) -> dict[str, Any]:
+        async with self._lock:
+            await self._on_workers("memoir_set_enabled", edit_id, enabled)
+            answer: dict[str, Any] = {"edit_id": edit_id, "enabled": enabled}
+            if persist:
+                answer["persisted"] = await self._persist()
+            return answer
+
+    async def _swap(self, path: Path) -> dict[str, Any]:
+        try:
+            manifest = await asyncio.to_thread(read_manifest, path)
+        except ArtifactError as exc:
+            raise EditControlError(422, str(exc)) from exc
+        previous = (await self._on_workers("memoir_state", False))[0]
+        started = time.perf_counter()
+        try:
+            await self._prepare(path, manifest.version)
+        except BaseException:
+            await self._on_workers("memoir_abort")
+            raise
+        prepared = time.perf_counter()
+        try:
+            await asyncio.wait_for(self.engine.pause_generation(mode="wait", clear_cache=False), self.drain_timeout)
+        except asyncio.TimeoutError:
+            await self.engine.resume_generation()
+            await self._on_workers("memoir_abort")
+            raise EditControlError(503, f"requests in flight did not finish within {self.drain_timeout:.0f} s "
+                                        f"({DRAIN_TIMEOUT_ENV}); still serving version {previous['version']}")
+        drained = time.perf_counter()
+        try:
+            committed = await self._on_workers("memoir_commit", manifest.version)
+        finally:
+            await self.engine.resume_generation()
+        done = time.perf_counter()
+        timing = {"load_seconds": prepared - started, "drain_seconds": drained - prepared,
+                  "commit_seconds": done - drained, "paused_seconds": done - prepared}
+        logger.info("MEMOIR: swapped to %s version %d in %.2f s (load %.2f s while serving, then new requests "
+                    "held %.3f s: drain %.3f s, commit %.3f s)", path, manifest.version, done - started,
+                    timing["load_seconds"], timing["paused_seconds"], timing["drain_seconds"], timing["commit_seconds"])
+        return {"path": str(path), "version": committed[0]["version"], "num_edits": committed[0]["num_edits"],
+                "previous_version": previous["version"], **{k: round(v, 4) for k, v in timing.items()}}
+
+    async def _prepare(self, path: Path, version: int) -> None:
+        """Every rank loads `path` on its loader thread; wait until all are ready (or one refuses)."""
+        await self._on_workers("memoir_prepare", str(path), version)
+        deadline = time.monotonic() + self.load_timeout
+        while not all(answer["ready"] for answer in await self._on_workers("memoir_prepared")):
+            if time.monotonic() > deadline:
+                raise EditControlError(503, f"loading {path} took over {self.load_timeout:.0f} s ({LOAD_TIMEOUT_ENV})")
+            await asyncio.sleep(POLL_SECONDS)
+
+    async def _persist(self) -> dict[str, Any]:
+        """Write the served enabled flags into the served artifact as a new version, then serve it."""
+        served = await self.state()
+        path = Path(served["path"])
+        flags = {e["edit_id"]: e["enabled"] for e in served["edits"]}
+
+        def write() -> None:
+            artifact = load_artifact(path)
+            if artifact.manifest.version != served["version"]:
+                raise EditControlError(409, f"{path} is at version {artifact.manifest.version} on disk but the "
+                                            f"server serves version {served['version']}; POST the artifact first")
+            for record in artifact.edits:
+                record.enabled = flags[record.edit_id]
+            save_artifact(artifact, path)
+
+        try:
+            await asyncio.to_thread(write)
+        except ArtifactError as exc:
+            raise EditControlError(409, f"cannot persist into {path}: {exc}") from exc
+        return await self._swap(path)

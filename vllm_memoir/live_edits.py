@@ -1,0 +1,156 @@
+"""Changing a worker's served edits while it serves: the engine side of the admin routes.
+
+Runs in each worker (every tensor-parallel rank), called through vLLM's collective_rpc,
+which the engine core runs between engine steps. A swap is two-phase so every rank serves
+the same version or none changes: `prepare` starts loading and checking the artifact beside
+the served one on every rank, `prepared` reports when that is done, then `commit` (or
+`abort`) on every rank. The load runs on a background thread, because an RPC blocks the
+engine loop: a large artifact would otherwise stall serving for the whole load. The
+controller in the API server (edit_control) drains in-flight requests before `commit`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vllm_memoir import request_routes
+from vllm_memoir.core import NO_ROUTE
+from vllm_memoir.routed_down_proj import MemoirDownProj, StagedEdits
+from vllm_memoir.validation import MemoirConfigError
+
+logger = logging.getLogger(__name__)
+
+
+class LiveEditError(ValueError):
+    """A live change that cannot be applied; the served edits are unchanged."""
+
+
+class UnknownEditError(LiveEditError):
+    pass
+
+
+def _device_of(layer: torch.nn.Module) -> torch.device:
+    return layer.weight.device
+
+
+def edited_layer(model: torch.nn.Module) -> MemoirDownProj:
+    layers = [m for m in model.modules() if isinstance(m, MemoirDownProj)]
+    if len(layers) != 1:
+        raise LiveEditError(f"expected one MEMOIR layer in the served model, found {len(layers)} "
+                            "(is a Memoir*ForCausalLM architecture served?)")
+    return layers[0]
+
+
+class LiveEdits:
+    """One worker's edited layer, its staged next version, and the request routes to rebase."""
+
+    def __init__(self, model: torch.nn.Module, vllm_config: Any):
+        self.layer = edited_layer(model)
+        self.vllm_config = vllm_config
+        self.path = Path(vllm_config.model_config.hf_config.memoir_path)
+        self._staged: tuple[Path, StagedEdits] | None = None
+        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="memoir-load")
+        self._loading: Future | None = None
+
+    def state(self, with_edits: bool, offset: int = 0, limit: int | None = None) -> dict[str, Any]:
+        layer = self.layer
+        state = {
+            "path": str(self.path),
+            "version": layer.manifest.version,
+            "num_edits": len(layer.records),
+            "num_enabled": int(layer.router.router.enabled.sum()),
+            "tp_rank": layer.tp_rank,
+        }
+        # Only rank 0 lists the edits (and counts routes): the other ranks' lists are the same.
+        if with_edits and layer.tp_rank == 0:
+            state["unrouted_requests"] = layer.unrouted_count
+            end = len(layer.records) if limit is None else offset + limit
+            state["offset"] = offset
+            state["edits"] = [
+                {"edit_id": e.edit_id, "prompt": e.prompt, "target": e.target, "enabled": e.enabled,
+                 "routed_requests": layer.route_counts.get(e.edit_id, 0)}
+                for e in layer.records[offset:end]
+            ]
+        return state
+
+    def prepare(self, path: str, expected_version: int) -> dict[str, Any]:
+        """Start loading `path` beside the served edits; `prepared` tells when it is ready."""
+        self.abort()
+        self._loading = self._loader.submit(self._load, path, expected_version, _device_of(self.layer))
+        return {"loading": True}
+
+    def prepared(self) -> dict[str, Any]:
+        """{"ready": False} while loading; the staged version once loaded; raises its refusal."""
+        loading = self._loading
+        if loading is None:
+            if self._staged is None:
+                raise LiveEditError("no artifact is being prepared on this rank")
+        elif not loading.done():
+            return {"ready": False}
+        else:
+            self._loading = None
+            self._staged = loading.result()  # re-raises the load's refusal
+        manifest = self._staged[1].manifest
+        return {"ready": True, "version": manifest.version, "num_edits": manifest.num_edits}
+
+    def _load(self, path: str, expected_version: int, device: torch.device) -> tuple[Path, StagedEdits]:
+        """Load and check `path` (the same checks as at start-up) and build this rank's share."""
+        from vllm_memoir.models import load_artifact_for
+
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # the loader thread's allocations go to this rank's device
+        artifact = load_artifact_for(self.vllm_config, Path(path))
+        manifest = artifact.manifest
+        if manifest.version != expected_version:
+            raise LiveEditError(f"{path}: version {manifest.version} on disk, expected {expected_version} "
+                                "(the artifact changed while it was being loaded; retry)")
+        served = self.layer.manifest
+        if manifest.module_path != served.module_path:
+            raise MemoirConfigError(f"{path}: edits {manifest.module_path}, the server edits {served.module_path} "
+                                    "(the edited layer is fixed at start-up)")
+        return Path(path), self.layer.stage(artifact)
+
+    def commit(self, expected_version: int) -> dict[str, Any]:
+        if self._staged is None or self._staged[1].manifest.version != expected_version:
+            raise LiveEditError(f"no prepared artifact version {expected_version} to commit on this rank")
+        (path, staged), self._staged = self._staged, None
+        old_ids, new_rows = self.layer.edit_ids, staged.rows
+        previous = self.layer.manifest.version
+        self.layer.serve(staged)
+        self.path = path
+        # Only the rows in use are looked up: a swap of 100,000 edits builds no map here.
+        self._rebase(lambda row: new_rows.get(old_ids[row], NO_ROUTE))
+        if self.layer.tp_rank == 0:
+            logger.info("MEMOIR: now serving %s version %d (%d edits), was version %d",
+                        path, staged.manifest.version, len(staged.records), previous)
+        return self.state(with_edits=False)
+
+    def abort(self) -> None:
+        """Drop the staged version; a load still running finishes on its thread, unused."""
+        if self._loading is not None:
+            self._loading.cancel()
+        self._loading, self._staged = None, None
+
+    def set_enabled(self, edit_id: int, enabled: bool) -> dict[str, Any]:
+        row = self.layer.edit_rows.get(edit_id)
+        if row is None:
+            raise UnknownEditError(f"no edit with id {edit_id} in the served artifact "
+                                   f"(version {self.layer.manifest.version})")
+        self.layer.set_enabled(row, enabled)
+        # Same rows, same meaning: running requests keep their route, new ones re-route.
+        self._rebase(lambda row: row)
+        if self.layer.tp_rank == 0:
+            logger.info("MEMOIR: edit %d %s", edit_id, "enabled" if enabled else "disabled")
+        return {"edit_id": edit_id, "enabled": enabled}
+
+    @staticmethod
+    def _rebase(new_row: Callable[[int], int]) -> None:
+        routes = request_routes.active()
+        if routes is not None:
+            routes.rebase(new_row)
