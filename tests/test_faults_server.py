@@ -19,7 +19,8 @@ import time
 import openai
 import pytest
 import torch
-from test_plugin_server import COMMON, MARGIN, THRESHOLD, edit, served_client, served_token_ids
+from test_plugin_server import (COMMON, MARGIN, THRESHOLD, edit, served_client, served_token_ids,
+                               split_clear_of_threshold)
 
 from edit_tools.hf_model import MemoirHFModel
 from vllm_memoir.server_process import VllmServer, memoir_overrides, metric_value
@@ -61,10 +62,7 @@ def prompts(words_dataset, reference):
                        f"Q : where does {s} live ?"]
     candidates += ["the river of w300 is w301 .", "Q : what is the capital of w9 ?", "I w5 w6 w7 w8 w9 w10 w11 w12 w13 .",
                    "who founded the company w42 ?", "w7", "."]
-    decisions = reference.route(candidates)
-    chosen = [(p, d.route) for p, d in zip(candidates, decisions) if abs(d.overlap - THRESHOLD) >= MARGIN]
-    routed = [p for p, route in chosen if route >= 0]
-    unrouted = [p for p, route in chosen if route < 0]
+    routed, unrouted = split_clear_of_threshold(reference, candidates)
     assert len(routed) >= 10 and len(unrouted) >= 10, (len(routed), len(unrouted))
     return {"routed": routed, "unrouted": unrouted, "all": routed + unrouted}
 
@@ -152,10 +150,8 @@ def load_pool(words_dataset, reference):
     candidates = {t.format(s=r["subject"], w=w) for r in records for t in templates for w in rng.sample(words, 12)}
     candidates |= {f"the {rng.choice(words)} of {rng.choice(words)} is {rng.choice(words)} ." for _ in range(200)}
     candidates = sorted(candidates)
-    decisions = reference.route(candidates)
-    chosen = [(p, d.route) for p, d in zip(candidates, decisions) if abs(d.overlap - THRESHOLD) >= MARGIN]
-    routed = [p for p, route in chosen if route >= 0][:150]
-    unrouted = [p for p, route in chosen if route < 0][:150]
+    routed, unrouted = split_clear_of_threshold(reference, candidates)
+    routed, unrouted = routed[:150], unrouted[:150]
     assert len(routed) >= 60 and len(unrouted) >= 60, (len(routed), len(unrouted))
     pool = routed + unrouted
     return {"routed": set(routed), "prompts": pool, "ids": {p: reference.prompt_ids(p) for p in pool}}

@@ -71,6 +71,14 @@ def reference(tiny_model_dir, artifact_dir):
     return MemoirHFModel.from_pretrained(tiny_model_dir, artifact=artifact_dir)
 
 
+def split_clear_of_threshold(reference, candidates: list[str]) -> tuple[list[str], list[str]]:
+    """(routed, unrouted) candidates, in order, leaving out those within MARGIN of the threshold
+    (a float-level difference could flip their route between vLLM and the reference)."""
+    decisions = reference.route(candidates)
+    chosen = [(p, d.route) for p, d in zip(candidates, decisions) if abs(d.overlap - THRESHOLD) >= MARGIN]
+    return [p for p, route in chosen if route >= 0], [p for p, route in chosen if route < 0]
+
+
 @pytest.fixture(scope="module")
 def prompts(words_dataset, reference):
     """Edit prompts, paraphrase-like variants and unrelated prompts, clear of the threshold."""
@@ -80,10 +88,7 @@ def prompts(words_dataset, reference):
         s = r["subject"]
         candidates += [r["prompt"], f"where does {s} live now ?", f"where does {s} live", r["rephrase"], r["loc"]]
     candidates += ["the river of w300 is w301 .", "Q : what is the capital of w9 ?", "I w5 w6 w7 w8 w9 w10 w11 w12 w13 ."]
-    decisions = reference.route(candidates)
-    chosen = [(p, d.route) for p, d in zip(candidates, decisions) if abs(d.overlap - THRESHOLD) >= MARGIN]
-    routed = [p for p, route in chosen if route >= 0]
-    unrouted = [p for p, route in chosen if route < 0]
+    routed, unrouted = split_clear_of_threshold(reference, candidates)
     assert len(routed) >= 12 and len(unrouted) >= 8, (len(routed), len(unrouted))
     return {"routed": routed, "unrouted": unrouted, "all": routed + unrouted}
 

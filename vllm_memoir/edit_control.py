@@ -26,6 +26,7 @@ logger = logging.getLogger(__name__)
 DRAIN_TIMEOUT_ENV = "MEMOIR_ADMIN_DRAIN_TIMEOUT"
 LOAD_TIMEOUT_ENV = "MEMOIR_ADMIN_LOAD_TIMEOUT"
 POLL_SECONDS = 0.05
+# Dotted, not "module:Class": vLLM resolves --worker-extension-cls with resolve_obj_by_qualname.
 EXTENSION = "vllm_memoir.worker_extension.MemoirWorkerExtension"
 
 

@@ -175,12 +175,10 @@ class MemoirDownProj(RowParallelLinear):
             metrics.count_decision(decision.routed)
             if decision.routed:
                 self.route_counts[self.edit_ids[decision.route]] += 1
-            else:
-                self.unrouted_count += 1
-            if decision.routed:
                 logger.debug("MEMOIR route: edit_id=%s (row %d) overlap=%.3f prompt_tokens=%d",
                              self.edit_ids[decision.route], decision.route, decision.overlap, prompt_len)
             else:
+                self.unrouted_count += 1
                 logger.debug("MEMOIR no route: best overlap=%.3f prompt_tokens=%d", decision.overlap, prompt_len)
 
     @staticmethod

@@ -28,6 +28,7 @@ from importlib.metadata import DistributionFinder
 
 # vLLM must not be imported before PROMETHEUS_MULTIPROC_DIR is set: prometheus_client fixes
 # its storage mode at import.
+from vllm_memoir.edit_control import EXTENSION as ADMIN_EXTENSION
 from vllm_memoir.plugin import V1_TRACKER
 
 logger = logging.getLogger(__name__)
@@ -117,8 +118,6 @@ def with_tracker(args: list[str]) -> list[str]:
     return args + ["--logits-processors", V1_TRACKER]
 
 
-# Dotted, not "module:Class": vLLM resolves the flag with resolve_obj_by_qualname.
-ADMIN_EXTENSION = "vllm_memoir.worker_extension.MemoirWorkerExtension"
 ADMIN_PLUGIN = "memoir-admin"
 # Plugin groups VLLM_PLUGINS also filters: an allowlist we create must keep their plugins.
 _ALLOWLISTED_GROUPS = ("vllm.general_plugins", "vllm.platform_plugins")
