@@ -78,6 +78,22 @@ def build_workload(records: list[dict], num_edited: int, count: int, max_tokens:
     return Workload([p for _, p in items], [k for k, _ in items], max_tokens, concurrency)
 
 
+def fresh_variant(workload: Workload, round_index: int, vocabulary: list[str], words: int = 2) -> Workload:
+    """The workload with `words` random vocabulary words before each prompt, new every round.
+
+    The plugin caches routing decisions by prompt, so a workload repeated round after round
+    pays the matching cost once; fresh prompts make every request pay it (at 100,000 edits
+    it is the plugin's largest per-request cost). Routes may change; only speed is measured.
+    """
+    rng = random.Random(1000 + round_index)
+    prompts = [" ".join(rng.choices(vocabulary, k=words) + [prompt]) for prompt in workload.prompts]
+    return Workload(prompts, workload.kinds, workload.max_tokens, workload.concurrency)
+
+
+def prompt_vocabulary(records: list[dict]) -> list[str]:
+    return sorted({word for r in records for word in r["src"].split() if word.isalpha()})
+
+
 # --- client ----------------------------------------------------------------------------------
 
 @dataclass
@@ -88,7 +104,25 @@ class RequestTiming:
 
 
 async def _stream_one(session: aiohttp.ClientSession, url: str, model: str, prompt: str,
-                      max_tokens: int) -> RequestTiming:
+                      max_tokens: int, attempts: int = 3) -> RequestTiming:
+    """One streamed request; a kept-alive connection the server closed as it was reused
+    (aiohttp raises before any byte of the answer) is retried on a fresh one."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return await _stream_once(session, url, model, prompt, max_tokens)
+        except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError) as exc:
+            if attempt == attempts:
+                raise
+            RETRIES[0] += 1
+            logger.warning("retrying a request whose connection was closed before its answer (%s)", exc)
+    raise AssertionError("unreachable")
+
+
+RETRIES = [0]
+
+
+async def _stream_once(session: aiohttp.ClientSession, url: str, model: str, prompt: str,
+                       max_tokens: int) -> RequestTiming:
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "stream": True,
             "ignore_eos": True, "return_token_ids": True}
     started = time.perf_counter()
@@ -155,8 +189,22 @@ def summarize(timings: list[RequestTiming], elapsed: float) -> dict:
     }
 
 
-def run_round(server: VllmServer, workload: Workload) -> dict:
-    return asyncio.run(_run_round(server.url, server.served_model, workload))
+def run_round(server: VllmServer, workload: Workload, plugin: bool = False) -> dict:
+    """One round; for the plugin also the time its routing op took (its own counter, rank 0)."""
+    if not plugin:
+        return asyncio.run(_run_round(server.url, server.served_model, workload))
+    from vllm_memoir.server_process import metric_value
+
+    before = metric_value(server.metrics(), ROUTING_SECONDS)
+    result = asyncio.run(_run_round(server.url, server.served_model, workload))
+    result["routing_op_seconds"] = metric_value(server.metrics(), ROUTING_SECONDS) - before
+    # The worker is busy for nearly the whole round at this concurrency, so this share is
+    # the overhead the op itself adds, read without the other server's noise.
+    result["routing_op_share"] = result["routing_op_seconds"] / result["seconds"]
+    return result
+
+
+ROUTING_SECONDS = "memoir:routing_step_seconds_total"
 
 
 # --- servers ---------------------------------------------------------------------------------
@@ -229,14 +277,16 @@ class Scenario:
 
 
 def compare(plain: VllmServer, plugin: VllmServer, workload: Workload, warmup: Workload, rounds: int,
-            scenario: Scenario, profile_dir: Path | None) -> None:
+            scenario: Scenario, profile_dir: Path | None, vocabulary: list[str] | None = None) -> None:
+    """ABAB rounds; with `vocabulary`, every round sends fresh prompts (see fresh_variant)."""
     for server in (plain, plugin):
         run_round(server, warmup)
     for i in range(rounds):
+        this_round = workload if vocabulary is None else fresh_variant(workload, i, vocabulary)
         # Alternate which goes first so neither always follows the other's cache state.
         order = [(plain, scenario.plain_rounds), (plugin, scenario.plugin_rounds)]
         for server, sink in (order if i % 2 == 0 else order[::-1]):
-            sink.append(run_round(server, workload))
+            sink.append(run_round(server, this_round, plugin=server is plugin))
         logger.info("%s/%s round %d: plain %.0f tok/s, plugin %.0f tok/s", scenario.model, scenario.artifact, i + 1,
                     scenario.plain_rounds[-1]["tokens_per_s"], scenario.plugin_rounds[-1]["tokens_per_s"])
     from vllm_memoir.server_process import metric_value
@@ -376,16 +426,17 @@ def model_plan(args, workdir: Path, records: list[dict]) -> list[tuple]:
 
 def table(results: list[dict]) -> str:
     """Medians over rounds; ratio = plugin / plain output tokens/s."""
-    head = ("| model | edits | server | tokens/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms | ratio |\n"
-            "|---|---:|---|---:|---:|---:|---:|---:|---:|")
+    head = ("| model | edits | server | tokens/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms | ratio "
+            "| routing op share |\n|---|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     lines = [head]
     for r in results:
         for name in ("plain", "plugin"):
             m = r[name]
             ratio = f"{r['ratio_tokens_per_s']:.3f}" if name == "plugin" else ""
+            share = f"{100 * m['routing_op_share']:.2f}%" if "routing_op_share" in m else ""
             edits = r["num_edits"] if name == "plugin" else ""
             lines.append(f"| {r['model']} | {edits} | {name} | {m['tokens_per_s']:.0f} | {m['ttft_p50_ms']:.0f} | "
-                         f"{m['ttft_p99_ms']:.0f} | {m['itl_p50_ms']:.1f} | {m['itl_p99_ms']:.1f} | {ratio} |")
+                         f"{m['ttft_p99_ms']:.0f} | {m['itl_p50_ms']:.1f} | {m['itl_p99_ms']:.1f} | {ratio} | {share} |")
     return "\n".join(lines)
 
 
@@ -408,6 +459,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--profile-dir", type=Path, help="also record a py-spy profile of each plugin server")
     parser.add_argument("--label", default="", help="free text stored with the results (e.g. 'before')")
     parser.add_argument("--table", type=Path, help="only print the markdown table of a results JSON")
+    parser.add_argument("--fresh-prompts", action="store_true",
+                        help="new prompts every round, so the decision cache never answers (see fresh_variant)")
     args = parser.parse_args(argv)
     if args.table:
         print(table(json.loads(args.table.read_text())["results"]))
@@ -433,7 +486,8 @@ def main(argv: list[str] | None = None) -> None:
                 try:
                     start(plugin) if plain.process is not None else start(plain, plugin)
                     scenario.plugin_startup_s = plugin.startup_seconds
-                    compare(plain, plugin, workload, warmup, args.rounds, scenario, args.profile_dir)
+                    compare(plain, plugin, workload, warmup, args.rounds, scenario, args.profile_dir,
+                            prompt_vocabulary(records) if args.fresh_prompts else None)
                 finally:
                     plugin.stop()
                 results.append(scenario.result())
@@ -446,8 +500,9 @@ def main(argv: list[str] | None = None) -> None:
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
         "workload": {"prompts": args.prompts, "max_tokens": args.max_tokens, "concurrency": args.concurrency,
                      "mix": "1/4 edit prompts, 1/4 paraphrases, 1/2 unrelated", "rounds": args.rounds,
-                     "compiled": not args.eager},
+                     "compiled": not args.eager, "fresh_prompts": args.fresh_prompts},
         "results": results,
+        "client_retries": RETRIES[0],
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2) + "\n")

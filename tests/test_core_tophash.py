@@ -115,3 +115,17 @@ def test_aggregations_ignore_padding():
         aggregate_prompt_feature(x, prompt, "mean_decentered")
     with pytest.raises(ValueError, match="unknown prompt_feature_agg"):
         aggregate_prompt_feature(x, prompt, "max")
+
+
+def test_dense_masked_residual_equals_the_gathered_one_per_token():
+    from vllm_memoir.core import dense_masked_residual, masked_residual
+
+    gen = torch.Generator().manual_seed(3)
+    memory, x = torch.randn(16, 64, generator=gen), torch.randn(5, 64, generator=gen)
+    columns = [torch.randperm(64, generator=gen)[:12] for _ in range(5)]
+    masks = torch.zeros(5, 64, dtype=torch.bool)
+    for token, cols in enumerate(columns):
+        masks[token, cols] = True
+    dense = dense_masked_residual(x, memory, masks)
+    for token, cols in enumerate(columns):
+        assert torch.allclose(dense[token], masked_residual(x[token:token + 1], memory, cols)[0], atol=1e-5)

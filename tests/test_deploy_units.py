@@ -146,6 +146,71 @@ def test_ray_serve_yaml_names_the_builder_and_its_arguments():
     assert set(app["args"]) <= accepted, set(app["args"]) - accepted
 
 
+def test_admin_yaml_builds_live_edit_replicas_and_refuses_a_pin(tmp_path):
+    """admin: true -> replicas of MemoirLLMServer with MEMOIR's worker extension, unpinned."""
+    pytest.importorskip("ray.serve.llm", reason="Ray Serve LLM is not installed (pip install 'ray[serve]')")
+    import yaml
+
+    from edit_tools.tiny_models import build_tiny_llama
+    from vllm_memoir.edit_control import EXTENSION
+    from vllm_memoir.ray_app import memoir_llm_config
+    from vllm_memoir.ray_live_edits import INGRESS_ENDPOINTS, MemoirLLMServer
+
+    (app,) = yaml.safe_load((REPO / "deploy" / "ray-serve-admin.yaml").read_text())["applications"]
+    args = dict(app["args"])
+    assert args["admin"] is True and "pin_artifact" not in args
+    model, artifact = build_tiny_llama(tmp_path / "model"), fake_artifact(tmp_path)
+    config = memoir_llm_config(model, artifact, **{k: v for k, v in args.items() if k not in ("model", "artifact")})
+    engine = config.get_engine_config().get_initialization_kwargs()
+    assert config.server_cls is MemoirLLMServer and engine["worker_extension_cls"] == EXTENSION
+    assert "memoir_expected_version" not in engine["hf_overrides"]
+    assert {"completions", "chat", "memoir_edits", "memoir_swap", "memoir_disable", "memoir_enable"} <= set(
+        INGRESS_ENDPOINTS)
+    with pytest.raises(MemoirConfigError, match="admin .*needs pin_artifact: false"):
+        memoir_llm_config(model, artifact, admin=True, pin_artifact=True)
+
+
+def test_replicated_swap_is_two_phase():
+    """One replica refuses the new version: every replica drops what it loaded, none commits."""
+    pytest.importorskip("ray.serve.llm", reason="Ray Serve LLM is not installed (pip install 'ray[serve]')")
+    import asyncio
+
+    from vllm_memoir.edit_control import EditControlError
+    from vllm_memoir.ray_live_edits import ReplicatedEditControl
+
+    calls: list[str] = []
+
+    def broadcast_with(prepare_answers):
+        async def broadcast(method, kwargs):
+            calls.append(method)
+            if method == "memoir_prepare":
+                return prepare_answers
+            if method == "memoir_state":
+                return [{"ok": True, "version": 1}] * 2
+            if method == "memoir_commit":
+                return [{"ok": True, "path": "/a", "version": 2, "num_edits": 5, "load_seconds": 0.1,
+                         "drain_seconds": 0.0, "commit_seconds": 0.0, "paused_seconds": 0.0}] * 2
+            return [{"ok": True}] * 2
+        return broadcast
+
+    refused = [{"ok": True, "version": 2}, {"ok": False, "status": 422, "error": "checksum mismatch in x"}]
+    with pytest.raises(EditControlError, match="replica 1 of 2: checksum mismatch") as err:
+        asyncio.run(ReplicatedEditControl(broadcast_with(refused)).swap("/a"))
+    assert err.value.status == 422
+    assert calls == ["memoir_state", "memoir_prepare", "memoir_abort"]
+
+    calls.clear()
+    answer = asyncio.run(ReplicatedEditControl(broadcast_with([{"ok": True, "version": 2}] * 2)).swap("/a"))
+    assert calls == ["memoir_state", "memoir_prepare", "memoir_commit"]
+    assert answer["version"] == 2 and answer["previous_versions"] == [1, 1] and len(answer["replicas"]) == 2
+
+    calls.clear()
+    mixed = [{"ok": True, "version": 2}, {"ok": True, "version": 3}]  # the artifact moved on between loads
+    with pytest.raises(EditControlError, match="different versions"):
+        asyncio.run(ReplicatedEditControl(broadcast_with(mixed)).swap("/a"))
+    assert calls[-1] == "memoir_abort" and "memoir_commit" not in calls
+
+
 def test_deploy_scripts_parse():
     for script in ("serve.sh", "healthcheck.sh"):
         subprocess.run(["bash", "-n", str(REPO / "deploy" / script)], check=True)

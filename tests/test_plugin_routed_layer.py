@@ -118,3 +118,33 @@ def test_a_partial_prompt_is_an_error_not_a_silent_misroute(layer, batch):
     layout["now"] = TokenLayout(query_start=[0, 4], seq_lens=[4])  # a 4-token chunk of a 6-token prompt
     with pytest.raises(RuntimeError, match="chunked prefill"), torch.no_grad():
         module(torch.randn(4, D))
+
+
+@pytest.mark.parametrize("dense_from", [1, 10**9], ids=["one-matmul", "per-edit"])
+def test_many_edits_in_one_forward_each_row_gets_its_own_edit(layer, batch, monkeypatch, dense_from):
+    """The one-matmul path (from DENSE_MIN_EDITS distinct edits) and the per-edit path add the
+    same residual to each routed row, and nothing to the unrouted one."""
+    from vllm_memoir import routed_down_proj
+    from vllm_memoir.core.routing import RouteDecision
+
+    module, artifact, _, _ = layer
+    routes, layout = batch
+    monkeypatch.setattr(routed_down_proj, "DENSE_MIN_EDITS", dense_from)
+    edits = [0, NO_ROUTE, 1, 2, 0]  # row 0: a 3-token prefill; row 1: 2 unrouted tokens; then decodes
+    for row, edit in enumerate(edits):
+        routes.add(row, [row + 1, 7], is_new_request=True)
+    routes.set_batch(len(edits))
+    for row, edit in enumerate(edits):
+        routes.record(row, RouteDecision(edit, max(edit, 0), 0.9))
+    layout["now"] = TokenLayout(query_start=[0, 3, 5, 6, 7, 8], seq_lens=[3, 2, 9, 9, 9])
+    x = torch.randn(8, D)
+    spans = [(0, 3), (3, 5), (5, 6), (6, 7), (7, 8)]
+    with torch.no_grad():
+        base = base_projection(module, routes, x)
+        out = module(x)[0]
+    for (start, end), edit in zip(spans, edits):
+        if edit == NO_ROUTE:
+            assert torch.equal(out[start:end], base[start:end])
+        else:
+            want = base[start:end] + edit_residual(artifact, x[start:end], edit)
+            assert torch.allclose(out[start:end], want, atol=1e-4), (edit, dense_from)

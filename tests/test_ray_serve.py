@@ -1,15 +1,19 @@
 """The facts model with a MEMOIR artifact served through Ray Serve LLM on a local CPU Ray cluster.
 
-One replica (about 90 s to deploy on 2 cores): the `openai` client gets, through Ray
-Serve's OpenAI ingress, the same greedy tokens as the transformers MEMOIR reference, and
-the edited answers. Ray is shut down afterwards and no replica or engine process lingers.
+Two replicas with the live-edit routes on (`admin: true`; 2-4 min to deploy on 2 cores): the
+`openai` client gets, through Ray Serve's OpenAI ingress, the same greedy tokens as the
+transformers MEMOIR reference, and the edited answers; then the admin routes swap in a newer
+artifact version, disable an edit and refuse bad calls, in every replica at once. Ray is shut
+down afterwards and no replica or engine process lingers.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -26,8 +30,11 @@ REPO = Path(__file__).resolve().parents[1]
 FACTS_MODEL = REPO / "models" / "facts-llama"
 FACTS_DATA = REPO / "data" / "facts" / "zsre-facts-T10.json"
 NUM_EDITS = 4
+APPENDED = 2  # edits v2 adds to v1
+NUM_REPLICAS = 2
+ADMIN_KEY = "ray-admin-key-for-tests"
 MAX_TOKENS = 4
-DEPLOY_TIMEOUT_S = 240
+DEPLOY_TIMEOUT_S = 480
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +47,19 @@ def facts_artifact(tmp_path_factory):
     out = tmp_path_factory.mktemp("facts-artifact")
     hp = MemoirHyperParams.from_yaml(REPO / "configs" / "facts-llama.yaml")
     run_edit_job(FACTS_MODEL, FACTS_DATA, hp, out, limit=NUM_EDITS, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def artifact_v2(facts_artifact, tmp_path_factory):
+    """v1 plus APPENDED edits, written as a copy (v1 stays what the replicas started with)."""
+    from edit_tools.datasets import load_edit_dataset
+
+    out = tmp_path_factory.mktemp("facts-artifact-v2") / "artifact"
+    shutil.copytree(facts_artifact, out)
+    hp = MemoirHyperParams.from_yaml(REPO / "configs" / "facts-llama.yaml")
+    appended = load_edit_dataset(FACTS_DATA)[NUM_EDITS:NUM_EDITS + APPENDED]
+    run_edit_job(FACTS_MODEL, appended, hp, out, append=True, progress=False)
     return out
 
 
@@ -75,7 +95,7 @@ def _alive(pids: set[int]) -> set[int]:
 
 @pytest.fixture(scope="module")
 def served(ray_serve, facts_artifact):
-    """(openai client, served model id) of a one-replica MEMOIR app on a local Ray cluster."""
+    """(openai client, served model id, base URL) of a two-replica MEMOIR app with live edits."""
     import ray
     from openai import OpenAI
 
@@ -85,12 +105,14 @@ def served(ray_serve, facts_artifact):
     # Logical CPUs, not cores: Ray Serve LLM reserves 1 for the ingress, and per replica 1 for
     # the replica actor plus 1 per engine worker (its placement group); with fewer the app
     # never schedules and serve.run waits forever.
-    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
+    # The ingress reads the admin key from its environment, which the local cluster inherits.
+    os.environ["MEMOIR_ADMIN_KEY"] = ADMIN_KEY
+    ray.init(num_cpus=1 + 2 * NUM_REPLICAS, include_dashboard=False, log_to_driver=False)
     try:
         ray_serve.start(http_options={"host": "127.0.0.1", "port": port})
         app = build_app({
             "model": str(FACTS_MODEL), "artifact": str(facts_artifact), "model_id": "facts-llama",
-            "num_replicas": 1, "dtype": "float32",
+            "num_replicas": NUM_REPLICAS, "dtype": "float32", "admin": True,
             "engine_kwargs": {"max_model_len": 64, "enforce_eager": True},
             "env_vars": {"VLLM_CPU_KVCACHE_SPACE": "1"},
         })
@@ -107,8 +129,9 @@ def served(ray_serve, facts_artifact):
                     raise
                 time.sleep(2)
         print(f"Ray Serve app ready after {time.monotonic() - started:.0f} s")
-        yield client, models[0].id
+        yield client, models[0].id, f"http://127.0.0.1:{port}"
     finally:
+        os.environ.pop("MEMOIR_ADMIN_KEY", None)
         spawned = _descendants(os.getpid())
         try:
             ray_serve.shutdown()
@@ -127,7 +150,7 @@ def served(ray_serve, facts_artifact):
 def test_openai_client_gets_edited_answers_through_ray_serve(served, facts_artifact):
     from plugin_reference import greedy_ids
 
-    client, model_id = served
+    client, model_id, _ = served
     assert model_id == "facts-llama"
     records = json.loads(FACTS_DATA.read_text())
     prompts = [r["src"] for r in records[:NUM_EDITS]] + [r["rephrase"] for r in records[:NUM_EDITS]]
@@ -153,3 +176,122 @@ def test_openai_client_gets_edited_answers_through_ray_serve(served, facts_artif
     print(f"{len(edited)}/{NUM_EDITS} edit prompts answered with the new target through Ray Serve; "
           f"{sum(d.routed for d in routes)}/{len(prompts)} prompts routed; all {len(prompts)} token-identical")
     assert edited, f"no edited answer through Ray Serve: {list(zip(prompts, served_texts))}"
+
+
+# --- live edits in every replica (admin routes on the ingress) ----------------------------------
+
+def _admin(base_url: str, key: str | None = ADMIN_KEY):
+    import httpx
+
+    return httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {key}"} if key else {}, timeout=600)
+
+
+def _complete(client, model_id: str, prompt: str) -> tuple[list[int], list[int]]:
+    choice = client.completions.create(model=model_id, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0.0,
+                                       extra_body={"return_token_ids": True, "ignore_eos": True}).choices[0]
+    return list(choice.prompt_token_ids), list(choice.token_ids)
+
+
+def test_ray_admin_routes_need_the_admin_key(served):
+    _, _, base_url = served
+    for key in (None, "wrong-key"):
+        with _admin(base_url, key) as admin:
+            for response in (admin.get("/memoir/edits"), admin.post("/memoir/artifact", json={"path": "/x"}),
+                             admin.post("/memoir/edits/0/disable")):
+                assert response.status_code == 401, (key, response.status_code, response.text)
+                assert "admin key" in response.json()["error"]
+    with _admin(base_url) as admin:
+        state = admin.get("/memoir/edits").json()
+    assert state["version"] == 1 and state["num_edits"] == NUM_EDITS
+    assert state["consistent"] and [r["version"] for r in state["replicas"]] == [1] * NUM_REPLICAS
+
+
+def test_ray_swap_reaches_every_replica_without_a_failed_request(served, facts_artifact, artifact_v2):
+    """POST v2 while requests flow: none fails, every replica reports v2, and answers are v2's."""
+    from plugin_reference import greedy_ids
+
+    client, model_id, base_url = served
+    records = json.loads(FACTS_DATA.read_text())
+    appended = [r["src"] for r in records[NUM_EDITS:NUM_EDITS + APPENDED]]
+    v1 = MemoirHFModel.from_pretrained(FACTS_MODEL, artifact=facts_artifact)
+    v2 = MemoirHFModel.from_pretrained(FACTS_MODEL, artifact=artifact_v2)
+    assert not any(d.routed for d in v1.route(appended)) and all(d.routed for d in v2.route(appended))
+
+    errors: list[str] = []
+    stop = threading.Event()
+
+    def traffic():
+        prompts = appended + [r["src"] for r in records[:NUM_EDITS]] + [r["loc"] for r in records[:2]]
+        i = 0
+        while not stop.is_set():
+            try:
+                _complete(client, model_id, prompts[i % len(prompts)])
+            except Exception as exc:  # noqa: BLE001 -- a failed request is the failure under test
+                errors.append(repr(exc))
+            i += 1
+
+    threads = [threading.Thread(target=traffic) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    try:
+        time.sleep(1.0)
+        with _admin(base_url) as admin:
+            response = admin.post("/memoir/artifact", json={"path": str(artifact_v2)})
+        time.sleep(1.0)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    assert response.status_code == 200, response.text
+    swap = response.json()
+    print("Ray swap:", swap)
+    assert swap["version"] == 2 and swap["previous_versions"] == [1] * NUM_REPLICAS
+    assert swap["num_edits"] == NUM_EDITS + APPENDED and len(swap["replicas"]) == NUM_REPLICAS
+    assert not errors, errors[:3]
+
+    with _admin(base_url) as admin:
+        state = admin.get("/memoir/edits").json()
+    assert state["consistent"] and [r["version"] for r in state["replicas"]] == [2] * NUM_REPLICAS
+    # Each prompt several times: Serve spreads requests over both replicas; all must answer as v2.
+    for prompt in appended * 3:
+        prompt_ids, got = _complete(client, model_id, prompt)
+        assert got == greedy_ids(v2, [prompt_ids], MAX_TOKENS)[0], prompt
+        assert got != greedy_ids(v1, [prompt_ids], MAX_TOKENS)[0], "v2 does not change this answer"
+    with _admin(base_url) as admin:
+        counted = admin.get("/memoir/edits").json()["edits"]
+    assert all(e["routed_requests"] >= 3 for e in counted[NUM_EDITS:]), counted  # summed over replicas
+
+
+def test_ray_disable_and_refusals_apply_to_every_replica(served, artifact_v2, tmp_path):
+    from plugin_reference import greedy_ids
+
+    client, model_id, base_url = served
+    v2 = MemoirHFModel.from_pretrained(FACTS_MODEL, artifact=artifact_v2)
+    with _admin(base_url) as admin:
+        state = admin.get("/memoir/edits").json()
+        edit_id, prompt = state["edits"][NUM_EDITS]["edit_id"], state["edits"][NUM_EDITS]["prompt"]
+        prompt_ids, edited = _complete(client, model_id, prompt)
+        with v2.routing_off():
+            base = greedy_ids(v2, [prompt_ids], MAX_TOKENS)[0]
+        assert edited != base
+
+        assert admin.post(f"/memoir/edits/{edit_id}/disable").status_code == 200
+        answers = [_complete(client, model_id, prompt)[1] for _ in range(4)]
+        assert answers == [base] * 4, "a replica still serves the disabled edit"
+        after = admin.get("/memoir/edits").json()
+        assert after["consistent"] and [r["num_enabled"] for r in after["replicas"]] == [len(state["edits"]) - 1] * 2
+        assert admin.post(f"/memoir/edits/{edit_id}/enable").status_code == 200
+        assert [_complete(client, model_id, prompt)[1] for _ in range(4)] == [edited] * 4
+
+        truncated = tmp_path / "truncated"
+        shutil.copytree(artifact_v2, truncated)
+        tensors = next(truncated.glob("memoir-v*.safetensors"))
+        tensors.write_bytes(tensors.read_bytes()[: tensors.stat().st_size // 2])
+        for path, status, message in ((truncated, 422, "checksum mismatch"), (tmp_path / "missing", 422, "missing")):
+            response = admin.post("/memoir/artifact", json={"path": str(path)})
+            assert response.status_code == status and message in response.json()["error"], response.text
+        response = admin.post("/memoir/edits/987654/disable")
+        assert response.status_code == 404 and "987654" in response.json()["error"], response.text
+        final = admin.get("/memoir/edits").json()
+    assert final["consistent"] and [r["version"] for r in final["replicas"]] == [2] * NUM_REPLICAS
+    assert final["num_enabled"] == len(state["edits"])

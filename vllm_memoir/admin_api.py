@@ -54,9 +54,22 @@ class ToggleBody(BaseModel):
     persist: bool = False
 
 
-class _Refusal(Exception):
+class AdminRefusal(Exception):
     def __init__(self, status: int, message: str):
         self.status, self.message = status, message
+
+
+def check_bearer(key_hashes: list[bytes], authorization: str) -> None:
+    """Refuse (401) unless `authorization` is `Bearer KEY` for a KEY whose sha256 is listed.
+
+    Digests are compared in constant time. Shared with the Ray Serve ingress (ray_live_edits).
+    """
+    if not key_hashes:
+        raise AdminRefusal(401, f"admin routes need a key: set {ADMIN_KEY_ENV} (or --api-key) on the server")
+    scheme, _, token = authorization.partition(" ")
+    digest = hashlib.sha256(token.encode()).digest()
+    if scheme.lower() != "bearer" or not any(secrets.compare_digest(digest, h) for h in key_hashes):
+        raise AdminRefusal(401, "missing or wrong admin key (Authorization: Bearer KEY)")
 
 
 class MemoirAdminPlugin:
@@ -67,7 +80,7 @@ class MemoirAdminPlugin:
         if not admin_enabled():
             logger.info("MEMOIR: admin routes are off (set %s=1 to serve /memoir/...)", ADMIN_ENV)
             return
-        app.add_exception_handler(_Refusal, _refusal_response)
+        app.add_exception_handler(AdminRefusal, _refusal_response)
         app.include_router(_router())
         logger.warning("MEMOIR: admin routes /memoir/... are on: they change what the model answers")
 
@@ -82,21 +95,15 @@ class MemoirAdminPlugin:
         state.memoir_edit_control = None if engine_client is None else EditControl(engine_client)
 
 
-def _refusal_response(_request: Request, exc: _Refusal) -> JSONResponse:
+def _refusal_response(_request: Request, exc: AdminRefusal) -> JSONResponse:
     return JSONResponse(status_code=exc.status, content={"error": exc.message})
 
 
 def _authorized(request: Request) -> EditControl:
-    hashes = getattr(request.app.state, "memoir_admin_key_hashes", [])
-    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-    if not hashes:
-        raise _Refusal(401, f"admin routes need a key: set {ADMIN_KEY_ENV} or --api-key on the server")
-    digest = hashlib.sha256(token.encode()).digest()
-    if scheme.lower() != "bearer" or not any(secrets.compare_digest(digest, h) for h in hashes):
-        raise _Refusal(401, "missing or wrong admin key (Authorization: Bearer KEY)")
+    check_bearer(getattr(request.app.state, "memoir_admin_key_hashes", []), request.headers.get("Authorization", ""))
     control = getattr(request.app.state, "memoir_edit_control", None)
     if control is None:
-        raise _Refusal(503, "this server has no engine to edit")
+        raise AdminRefusal(503, "this server has no engine to edit")
     return control
 
 
@@ -105,7 +112,7 @@ async def _run(call) -> dict[str, Any]:
         return await call
     except EditControlError as exc:
         logger.warning("MEMOIR: admin change refused: %s", exc)
-        raise _Refusal(exc.status, str(exc)) from exc
+        raise AdminRefusal(exc.status, str(exc)) from exc
 
 
 def _router() -> APIRouter:

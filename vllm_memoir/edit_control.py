@@ -16,6 +16,7 @@ import asyncio
 import logging
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,16 @@ LOAD_TIMEOUT_ENV = "MEMOIR_ADMIN_LOAD_TIMEOUT"
 POLL_SECONDS = 0.05
 # Dotted, not "module:Class": vLLM resolves --worker-extension-cls with resolve_obj_by_qualname.
 EXTENSION = "vllm_memoir.worker_extension.MemoirWorkerExtension"
+
+
+@dataclass
+class PreparedSwap:
+    """An artifact version loaded on every worker, not yet served (EditControl.prepare_swap)."""
+
+    path: Path
+    version: int
+    previous_version: int
+    load_seconds: float
 
 
 class EditControlError(Exception):
@@ -74,6 +85,13 @@ class EditControl:
         rank0.pop("tp_rank", None)
         return rank0
 
+    async def summary(self) -> dict[str, Any]:
+        """The served path, version and counts, without the per-edit list."""
+        answer = dict((await self._on_workers("memoir_state", False))[0])
+        answer.pop("ok")
+        answer.pop("tp_rank", None)
+        return answer
+
     async def swap(self, path: str | os.PathLike) -> dict[str, Any]:
         async with self._lock:
             return await self._swap(Path(path).resolve())
@@ -87,38 +105,55 @@ class EditControl:
             return answer
 
     async def _swap(self, path: Path) -> dict[str, Any]:
+        return await self.commit_swap(await self.prepare_swap(path))
+
+    async def prepare_swap(self, path: str | os.PathLike) -> PreparedSwap:
+        """Load `path` on every worker beside the served edits (serving goes on); nothing
+        changes until commit_swap. A refusal drops what was staged.
+
+        The first half of a swap, so that several replicas can all load before any switches
+        (ray_live_edits); a caller that splits the swap serialises its own calls.
+        """
+        path = Path(path).resolve()
         try:
             manifest = await asyncio.to_thread(read_manifest, path)
         except ArtifactError as exc:
             raise EditControlError(422, str(exc)) from exc
-        previous = (await self._on_workers("memoir_state", False))[0]
+        previous = await self.summary()
         started = time.perf_counter()
         try:
             await self._prepare(path, manifest.version)
         except BaseException:
-            await self._on_workers("memoir_abort")
+            await self.abort_swap()
             raise
-        prepared = time.perf_counter()
+        return PreparedSwap(path, manifest.version, previous["version"], time.perf_counter() - started)
+
+    async def abort_swap(self) -> None:
+        await self._on_workers("memoir_abort")
+
+    async def commit_swap(self, prepared: PreparedSwap) -> dict[str, Any]:
+        """Serve the prepared version: hold new requests, let running ones finish, switch, resume."""
+        paused_at = time.perf_counter()
         try:
             await asyncio.wait_for(self.engine.pause_generation(mode="wait", clear_cache=False), self.drain_timeout)
         except asyncio.TimeoutError:
             await self.engine.resume_generation()
-            await self._on_workers("memoir_abort")
+            await self.abort_swap()
             raise EditControlError(503, f"requests in flight did not finish within {self.drain_timeout:.0f} s "
-                                        f"({DRAIN_TIMEOUT_ENV}); still serving version {previous['version']}")
+                                        f"({DRAIN_TIMEOUT_ENV}); still serving version {prepared.previous_version}")
         drained = time.perf_counter()
         try:
-            committed = await self._on_workers("memoir_commit", manifest.version)
+            committed = await self._on_workers("memoir_commit", prepared.version)
         finally:
             await self.engine.resume_generation()
         done = time.perf_counter()
-        timing = {"load_seconds": prepared - started, "drain_seconds": drained - prepared,
-                  "commit_seconds": done - drained, "paused_seconds": done - prepared}
-        logger.info("MEMOIR: swapped to %s version %d in %.2f s (load %.2f s while serving, then new requests "
-                    "held %.3f s: drain %.3f s, commit %.3f s)", path, manifest.version, done - started,
-                    timing["load_seconds"], timing["paused_seconds"], timing["drain_seconds"], timing["commit_seconds"])
-        return {"path": str(path), "version": committed[0]["version"], "num_edits": committed[0]["num_edits"],
-                "previous_version": previous["version"], **{k: round(v, 4) for k, v in timing.items()}}
+        timing = {"load_seconds": prepared.load_seconds, "drain_seconds": drained - paused_at,
+                  "commit_seconds": done - drained, "paused_seconds": done - paused_at}
+        logger.info("MEMOIR: swapped to %s version %d (load %.2f s while serving, then new requests held %.3f s: "
+                    "drain %.3f s, commit %.3f s)", prepared.path, prepared.version, prepared.load_seconds,
+                    timing["paused_seconds"], timing["drain_seconds"], timing["commit_seconds"])
+        return {"path": str(prepared.path), "version": committed[0]["version"], "num_edits": committed[0]["num_edits"],
+                "previous_version": prepared.previous_version, **{k: round(v, 4) for k, v in timing.items()}}
 
     async def _prepare(self, path: Path, version: int) -> None:
         """Every rank loads `path` on its loader thread; wait until all are ready (or one refuses)."""
@@ -133,19 +168,26 @@ class EditControl:
         """Write the served enabled flags into the served artifact as a new version, then serve it."""
         served = await self.state()
         path = Path(served["path"])
-        flags = {e["edit_id"]: e["enabled"] for e in served["edits"]}
-
-        def write() -> None:
-            artifact = load_artifact(path)
-            if artifact.manifest.version != served["version"]:
-                raise EditControlError(409, f"{path} is at version {artifact.manifest.version} on disk but the "
-                                            f"server serves version {served['version']}; POST the artifact first")
-            for record in artifact.edits:
-                record.enabled = flags[record.edit_id]
-            save_artifact(artifact, path)
-
-        try:
-            await asyncio.to_thread(write)
-        except ArtifactError as exc:
-            raise EditControlError(409, f"cannot persist into {path}: {exc}") from exc
+        await persist_enabled_flags(path, served["version"], {e["edit_id"]: e["enabled"] for e in served["edits"]})
         return await self._swap(path)
+
+
+async def persist_enabled_flags(path: Path, served_version: int, flags: dict[int, bool]) -> None:
+    """Save `flags` (edit id -> enabled) into the artifact at `path` as its next version.
+
+    Refused (409) when the artifact on disk is no longer the served version, so a newer
+    version written meanwhile (an edit job) is never overwritten with stale flags.
+    """
+    def write() -> None:
+        artifact = load_artifact(path)
+        if artifact.manifest.version != served_version:
+            raise EditControlError(409, f"{path} is at version {artifact.manifest.version} on disk but the "
+                                        f"server serves version {served_version}; POST the artifact first")
+        for record in artifact.edits:
+            record.enabled = flags[record.edit_id]
+        save_artifact(artifact, path)
+
+    try:
+        await asyncio.to_thread(write)
+    except ArtifactError as exc:
+        raise EditControlError(409, f"cannot persist into {path}: {exc}") from exc

@@ -1,4 +1,4 @@
-"""Prometheus counters of routing decisions.
+"""Prometheus counters of routing decisions and of the routing step's own time.
 
 Decisions are made in the worker process, while /metrics is served by the API server
 process. They meet through prometheus_client's multiprocess mode: when
@@ -29,10 +29,20 @@ def _get_counters():
         _counters = (
             Counter("memoir:routed_requests", "Requests routed to a stored MEMOIR edit"),
             Counter("memoir:unrouted_requests", "Requests served by the base model (no edit matched)"),
+            # The plugin's whole per-forward cost, so operators (and benchmarks/serving_overhead.py)
+            # read its overhead directly instead of inferring it from noisy end-to-end throughput.
+            Counter("memoir:routing_step_seconds", "Time in the MEMOIR routing op (all forwards, rank 0)"),
+            Counter("memoir:routing_steps", "Forwards that ran the MEMOIR routing op with requests (rank 0)"),
         )
     return _counters
 
 
 def count_decision(routed: bool) -> None:
-    routed_counter, unrouted_counter = _get_counters()
+    routed_counter, unrouted_counter, _, _ = _get_counters()
     (routed_counter if routed else unrouted_counter).inc()
+
+
+def count_routing_step(seconds: float) -> None:
+    _, _, step_seconds, steps = _get_counters()
+    step_seconds.inc(seconds)
+    steps.inc()

@@ -24,7 +24,7 @@ AllGather = Callable[[torch.Tensor], torch.Tensor]  # concatenates ranks' tensor
 class ShardedPromptRouter:
     def __init__(self, artifact: MemoirArtifact, tp_rank: int, tp_size: int, device: torch.device,
                  all_gather: AllGather | None = None, column_cache_size: int = 4096,
-                 memory_cache_bytes: int = 256 << 20):
+                 memory_cache_bytes: int = 256 << 20, mask_cache_bytes: int = 64 << 20):
         manifest = artifact.manifest
         self.dim = manifest.intermediate_size
         self.local_dim = self.dim // tp_size
@@ -46,6 +46,8 @@ class ShardedPromptRouter:
         self._gathered_of: torch.Tensor | None = None
         self._gathered_bytes = 0
         self._gathered_budget = memory_cache_bytes
+        self._masks: OrderedDict[int, torch.Tensor] = OrderedDict()
+        self._mask_cache_bytes = mask_cache_bytes
 
     def prompt_feature(self, x_prompt: torch.Tensor) -> torch.Tensor:
         """[T, D_local] down_proj inputs of one prompt -> [D_local] (this rank's slice)."""
@@ -83,6 +85,19 @@ class ShardedPromptRouter:
         else:
             self._columns.move_to_end(edit)
         return cols
+
+    def local_mask(self, edit: int) -> torch.Tensor:
+        """local_columns(edit) as a [D_local] bool mask, cached per edit (bounded in bytes)."""
+        mask = self._masks.get(edit)
+        if mask is not None:
+            self._masks.move_to_end(edit)
+            return mask
+        mask = torch.zeros(self.local_dim, dtype=torch.bool, device=self.router.masks.device)
+        mask[self.local_columns(edit)] = True
+        self._masks[edit] = mask
+        if len(self._masks) * self.local_dim > self._mask_cache_bytes:
+            self._masks.popitem(last=False)
+        return mask
 
     def local_memory_columns(self, edit: int, memory: torch.Tensor) -> torch.Tensor:
         """memory[:, local_columns(edit)] (this rank's memory slice), cached per edit."""

@@ -20,6 +20,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from vllm_memoir.edit_control import EXTENSION
 from vllm_memoir.hf_overrides import memoir_hf_overrides
 from vllm_memoir.plugin import V1_TRACKER
 from vllm_memoir.validation import EXPECTED_SHA256_KEY, EXPECTED_VERSION_KEY, MemoirConfigError
@@ -99,23 +100,35 @@ def memoir_llm_config(
     cpus_per_replica: float = 1,
     tensor_parallel_size: int = 1,
     dtype: str = "auto",
-    pin_artifact: bool = True,
+    pin_artifact: bool | None = None,
     artifact_version: int | None = None,
     artifact_sha256: str | None = None,
     engine_kwargs: dict[str, Any] | None = None,
     env_vars: dict[str, str] | None = None,
     deployment_config: dict[str, Any] | None = None,
+    admin: bool = False,
 ):
     """A Ray Serve LLM config serving `model` (a local directory) with the MEMOIR `artifact`.
 
-    With pin_artifact every replica refuses an artifact other than the one seen here;
+    With pin_artifact (default: on, off with admin) every replica refuses an artifact other than the one seen here;
     artifact_version/artifact_sha256, when given, must name that artifact (see confirm_pin).
     deployment_config, when given, replaces num_replicas (e.g. an autoscaling_config).
+    admin: replicas that take live edits (ray_live_edits; build_app adds the routes).
     """
     from ray.serve.llm import LLMConfig
 
     if accelerator not in _ACCELERATORS:
         raise MemoirConfigError(f"accelerator must be one of {_ACCELERATORS}, got {accelerator!r}")
+    if pin_artifact is None:
+        pin_artifact = not admin
+    if admin and pin_artifact:
+        # A replica Serve restarts after a live swap reads the artifact path anew; a pin to
+        # the deploy-time version would refuse it once an edit job has moved the artifact on.
+        raise MemoirConfigError("admin (live edits) needs pin_artifact: false: the served version changes "
+                                "after deploy, so replicas cannot be pinned to the deploy-time one")
+    if admin:
+        engine_kwargs = {**(engine_kwargs or {})}
+        engine_kwargs.setdefault("worker_extension_cls", EXTENSION)
     model_dir = Path(model).resolve()
     env = {**(CPU_ENV_DEFAULTS if accelerator == "cpu" else {}), **(env_vars or {})}
     kwargs = memoir_engine_kwargs(model_dir, artifact, accelerator=accelerator, env_vars=env,
@@ -133,6 +146,10 @@ def memoir_llm_config(
     }
     if accelerator_type:
         config["accelerator_type"] = accelerator_type
+    if admin:
+        from vllm_memoir.ray_live_edits import MemoirLLMServer
+
+        config["server_cls"] = MemoirLLMServer
     overrides = kwargs["hf_overrides"]
     logger.info("MEMOIR on Ray Serve: %s with %s (%s), %s", model_dir, overrides["memoir_path"],
                 overrides["architectures"][0],
@@ -144,7 +161,8 @@ def build_app(args: dict[str, Any]):
     """Ray Serve application builder (`import_path: vllm_memoir.ray_app:build_app`).
 
     `args` are memoir_llm_config's arguments; Ray Serve LLM adds its OpenAI-compatible
-    ingress (/v1/completions, /v1/chat/completions, /v1/models) in front of the replicas.
+    ingress (/v1/completions, /v1/chat/completions, /v1/models) in front of the replicas,
+    with `admin: true` also the /memoir/... live-edit routes (ray_live_edits).
     """
     from ray.serve.llm import build_openai_app
 
@@ -153,4 +171,9 @@ def build_app(args: dict[str, Any]):
         model, artifact = args.pop("model"), args.pop("artifact")
     except KeyError as missing:
         raise MemoirConfigError(f"the MEMOIR Ray Serve app needs args.{missing.args[0]}") from None
-    return build_openai_app({"llm_configs": [memoir_llm_config(model, artifact, **args)]})
+    llm_config = memoir_llm_config(model, artifact, **args)
+    if args.get("admin"):
+        from vllm_memoir.ray_live_edits import build_admin_app
+
+        return build_admin_app(llm_config)
+    return build_openai_app({"llm_configs": [llm_config]})

@@ -48,11 +48,14 @@ class RequestRoutes:
         self._key: list[bytes | None] = [None] * capacity
         self._row_slots: torch.Tensor | None = None  # None: row i is slot i (V1)
         self.num_rows = 0
-        self._cache: OrderedDict[bytes, RouteDecision] = OrderedDict()
+        # Entries are plain (route, best_edit, overlap) tuples, not RouteDecision objects: up
+        # to 2**18 of them live for the server's lifetime, and tuples of numbers are untracked
+        # by the cyclic garbage collector, so full collections never walk them.
+        self._cache: OrderedDict[bytes, tuple[int, int, float]] = OrderedDict()
         self._cache_size = cache_size
         # Decisions made before the last change of the served edits, re-indexed into the new
         # rows: only for requests already running then (see rebase), never for new ones.
-        self._carried: dict[bytes, RouteDecision] = {}
+        self._carried: dict[bytes, tuple[int, int, float]] = {}
         # Decisions not yet logged and counted: (decision, prompt length). New requests only.
         self.new_decisions: list[tuple[RouteDecision, int]] = []
 
@@ -85,14 +88,15 @@ class RequestRoutes:
             self._set(slot, NO_ROUTE, 0, None)
             return
         key = prompt_key(prompt_token_ids)
-        decision = self._cache.get(key)
-        if decision is not None:
+        cached = self._cache.get(key)
+        if cached is not None:
             self._cache.move_to_end(key)
         elif not is_new_request:
-            decision = self._carried.get(key)  # routed before the served edits changed
-        if decision is None:
+            cached = self._carried.get(key)  # routed before the served edits changed
+        if cached is None:
             self._set(slot, PENDING, len(prompt_token_ids), key)
             return
+        decision = RouteDecision(*cached)
         self._set(slot, decision.route, len(prompt_token_ids), key)
         if is_new_request:
             self.new_decisions.append((decision, len(prompt_token_ids)))
@@ -132,7 +136,7 @@ class RequestRoutes:
         carried = {**self._carried, **self._cache}
         if len(carried) > self._cache_size:
             carried = dict(list(carried.items())[-self._cache_size:])
-        self._carried = {key: RouteDecision(remap(d.route), remap(d.best_edit), d.overlap) for key, d in carried.items()}
+        self._carried = {key: (remap(route), remap(best), overlap) for key, (route, best, overlap) in carried.items()}
         self._cache.clear()
 
     def set_batch(self, num_rows: int, row_slots: Sequence[int] | None = None) -> None:
@@ -167,7 +171,7 @@ class RequestRoutes:
         key = self._key[slot]
         self.slot_route[slot] = decision.route
         if key is not None:
-            self._cache[key] = decision
+            self._cache[key] = (decision.route, decision.best_edit, decision.overlap)
             if len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
         self.new_decisions.append((decision, int(self.slot_prompt_len[slot])))

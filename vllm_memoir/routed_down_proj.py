@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import gc
 import logging
+import time
 from collections import Counter
 from dataclasses import dataclass
 
@@ -19,7 +20,8 @@ from vllm.distributed import get_tp_group, tensor_model_parallel_all_reduce
 from vllm.model_executor.layers.linear import RowParallelLinear
 
 from vllm_memoir import metrics, request_routes, routing_op
-from vllm_memoir.core import NO_ROUTE, ArtifactManifest, EditRecord, MemoirArtifact, gathered_residual
+from vllm_memoir.core import (NO_ROUTE, ArtifactManifest, EditRecord, MemoirArtifact, dense_masked_residual,
+                               gathered_residual)
 from vllm_memoir.prompt_router import ShardedPromptRouter
 from vllm_memoir.request_routes import PENDING, RequestRoutes
 from vllm_memoir.routing_op import TokenLayout
@@ -126,6 +128,17 @@ class MemoirDownProj(RowParallelLinear):
         routes = request_routes.active()
         if routes is None or routes.num_rows == 0:
             return  # profiling and warm-up runs carry no requests
+        started = time.perf_counter()
+        self._route_and_add(out, x, routes)
+        if self.tp_rank == 0:
+            metrics.count_routing_step(time.perf_counter() - started)
+
+    def _route_and_add(self, out: torch.Tensor, x: torch.Tensor, routes: RequestRoutes) -> None:
+        row_routes = routes.row_routes()
+        pending = [row for row, route in enumerate(row_routes) if route == PENDING]
+        debug = self.tp_rank == 0 and logger.isEnabledFor(logging.DEBUG)
+        if not (pending or routes.new_decisions or debug) and all(route == NO_ROUTE for route in row_routes):
+            return  # the common decode step of unrouted requests: nothing to read or add
         layout = routing_op.current_layout()
         if layout is None:
             return
@@ -133,18 +146,19 @@ class MemoirDownProj(RowParallelLinear):
             raise RuntimeError(
                 f"MEMOIR: the forward holds {layout.num_rows} requests but the tracker has {routes.num_rows}"
             )
-        row_routes = routes.row_routes()
-        pending = [row for row, route in enumerate(row_routes) if route == PENDING]
         if pending:
             self._decide(pending, x, layout, routes, row_routes)
         if routes.new_decisions:
             self._report(routes)
-        if self.tp_rank == 0 and logger.isEnabledFor(logging.DEBUG):
+        if debug:
             self._log_recomputes(routes, row_routes, layout)
         by_edit: dict[int, list[int]] = {}
         for row, route in enumerate(row_routes):
             if route != NO_ROUTE:
                 by_edit.setdefault(route, []).append(row)
+        if len(by_edit) >= DENSE_MIN_EDITS:
+            self._add_residuals_dense(out, x, by_edit, layout)
+            return
         for edit, rows in by_edit.items():
             self._add_edit_residual(out, x, edit, rows, layout)
 
@@ -204,6 +218,27 @@ class MemoirDownProj(RowParallelLinear):
             return
         tokens = torch.tensor([t for start, end in spans for t in range(start, end)], dtype=torch.int64, device=x.device)
         out.index_add_(0, tokens, gathered_residual(x.index_select(0, tokens), memory_columns, columns))
+
+    def _add_residuals_dense(self, out: torch.Tensor, x: torch.Tensor, by_edit: dict[int, list[int]],
+                             layout: TokenLayout) -> None:
+        """Every routed token's residual in one matmul: each token's input masked by its edit's mask."""
+        tokens: list[int] = []
+        masks: list[torch.Tensor] = []
+        for edit, rows in by_edit.items():
+            mask = self.router.local_mask(edit)
+            for row in rows:
+                start, end = layout.tokens(row)
+                tokens.extend(range(start, end))
+                masks.append(mask.expand(end - start, -1))
+        index = torch.tensor(tokens, dtype=torch.int64, device=x.device)
+        out.index_add_(0, index, dense_masked_residual(x.index_select(0, index), self.memory, torch.cat(masks)))
+
+
+# From this many distinct edits in one forward, one dense matmul over the routed tokens beats
+# a gather-and-matmul per edit (a few small operations, ~17 us, each; kernel launches on GPU).
+# Measured on CPU at the facts model's shape (intermediate 1024, top_k 384, 14 routed of 32
+# decode rows): per edit 66 us at 2 edits, 139 us at 8, 366 us at 32; dense 100-165 us.
+DENSE_MIN_EDITS = 5
 
 
 def install_memoir_down_proj(model: torch.nn.Module, layer_index: int, artifact: MemoirArtifact) -> MemoirDownProj | None:

@@ -15,6 +15,7 @@ from .tophash import (
     AGGREGATIONS,
     NO_ROUTE,
     aggregate_prompt_feature,
+    dense_masked_residual,
     finish_feature,
     gathered_residual,
     masked_residual,
