@@ -189,6 +189,9 @@ def summarize(timings: list[RequestTiming], elapsed: float) -> dict:
     }
 
 
+ROUTING_SECONDS = "memoir:routing_step_seconds_total"  # the plugin's own time, rank 0
+
+
 def run_round(server: VllmServer, workload: Workload, plugin: bool = False) -> dict:
     """One round; for the plugin also the time its routing op took (its own counter, rank 0)."""
     if not plugin:
@@ -203,8 +206,6 @@ def run_round(server: VllmServer, workload: Workload, plugin: bool = False) -> d
     result["routing_op_share"] = result["routing_op_seconds"] / result["seconds"]
     return result
 
-
-ROUTING_SECONDS = "memoir:routing_step_seconds_total"
 
 
 # --- servers ---------------------------------------------------------------------------------

@@ -59,6 +59,11 @@ class AdminRefusal(Exception):
         self.status, self.message = status, message
 
 
+def key_hashes(keys: list[str]) -> list[bytes]:
+    """What check_bearer compares against: the keys' sha256 digests (the keys are not kept)."""
+    return [hashlib.sha256(key.encode()).digest() for key in keys]
+
+
 def check_bearer(key_hashes: list[bytes], authorization: str) -> None:
     """Refuse (401) unless `authorization` is `Bearer KEY` for a KEY whose sha256 is listed.
 
@@ -80,7 +85,7 @@ class MemoirAdminPlugin:
         if not admin_enabled():
             logger.info("MEMOIR: admin routes are off (set %s=1 to serve /memoir/...)", ADMIN_ENV)
             return
-        app.add_exception_handler(AdminRefusal, _refusal_response)
+        app.add_exception_handler(AdminRefusal, _refusal_handler)
         app.include_router(_router())
         logger.warning("MEMOIR: admin routes /memoir/... are on: they change what the model answers")
 
@@ -91,12 +96,16 @@ class MemoirAdminPlugin:
         if not keys:
             logger.error("MEMOIR: admin routes are on but no key is set (%s, --api-key or VLLM_API_KEY); "
                          "every admin call will be refused", ADMIN_KEY_ENV)
-        state.memoir_admin_key_hashes = [hashlib.sha256(k.encode()).digest() for k in keys]
+        state.memoir_admin_key_hashes = key_hashes(keys)
         state.memoir_edit_control = None if engine_client is None else EditControl(engine_client)
 
 
-def _refusal_response(_request: Request, exc: AdminRefusal) -> JSONResponse:
+def refusal_response(exc: AdminRefusal) -> JSONResponse:
     return JSONResponse(status_code=exc.status, content={"error": exc.message})
+
+
+def _refusal_handler(_request: Request, exc: AdminRefusal) -> JSONResponse:
+    return refusal_response(exc)
 
 
 def _authorized(request: Request) -> EditControl:
@@ -107,7 +116,8 @@ def _authorized(request: Request) -> EditControl:
     return control
 
 
-async def _run(call) -> dict[str, Any]:
+async def run_admin_call(call) -> dict[str, Any]:
+    """Await an EditControl call; its refusal becomes an AdminRefusal with the same status."""
     try:
         return await call
     except EditControlError as exc:
@@ -121,18 +131,18 @@ def _router() -> APIRouter:
     @router.get("/edits")
     async def served_edits(offset: int = Query(0, ge=0), limit: int | None = Query(None, ge=0),
                            control: EditControl = Depends(_authorized)):
-        return await _run(control.state(offset, limit))
+        return await run_admin_call(control.state(offset, limit))
 
     @router.post("/artifact")
     async def swap_artifact(body: ArtifactBody, control: EditControl = Depends(_authorized)):
-        return await _run(control.swap(body.path))
+        return await run_admin_call(control.swap(body.path))
 
     @router.post("/edits/{edit_id}/disable")
     async def disable_edit(edit_id: int, body: ToggleBody | None = None, control: EditControl = Depends(_authorized)):
-        return await _run(control.set_enabled(edit_id, False, bool(body and body.persist)))
+        return await run_admin_call(control.set_enabled(edit_id, False, bool(body and body.persist)))
 
     @router.post("/edits/{edit_id}/enable")
     async def enable_edit(edit_id: int, body: ToggleBody | None = None, control: EditControl = Depends(_authorized)):
-        return await _run(control.set_enabled(edit_id, True, bool(body and body.persist)))
+        return await run_admin_call(control.set_enabled(edit_id, True, bool(body and body.persist)))
 
     return router

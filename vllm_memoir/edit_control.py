@@ -166,18 +166,19 @@ class EditControl:
 
     async def _persist(self) -> dict[str, Any]:
         """Write the served enabled flags into the served artifact as a new version, then serve it."""
-        served = await self.state()
-        path = Path(served["path"])
-        await persist_enabled_flags(path, served["version"], {e["edit_id"]: e["enabled"] for e in served["edits"]})
-        return await self._swap(path)
+        return await self._swap(await persist_enabled_flags(await self.state()))
 
 
-async def persist_enabled_flags(path: Path, served_version: int, flags: dict[int, bool]) -> None:
-    """Save `flags` (edit id -> enabled) into the artifact at `path` as its next version.
+async def persist_enabled_flags(served: dict[str, Any]) -> Path:
+    """Save the served edits' enabled flags (a `state()` answer: path, version, edits) into
+    the served artifact as its next version; returns the artifact's path.
 
     Refused (409) when the artifact on disk is no longer the served version, so a newer
     version written meanwhile (an edit job) is never overwritten with stale flags.
     """
+    path, served_version = Path(served["path"]), served["version"]
+    flags = {e["edit_id"]: e["enabled"] for e in served["edits"]}
+
     def write() -> None:
         artifact = load_artifact(path)
         if artifact.manifest.version != served_version:
@@ -191,3 +192,4 @@ async def persist_enabled_flags(path: Path, served_version: int, flags: dict[int
         await asyncio.to_thread(write)
     except ArtifactError as exc:
         raise EditControlError(409, f"cannot persist into {path}: {exc}") from exc
+    return path

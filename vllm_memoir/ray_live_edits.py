@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import hashlib
 import logging
 import os
 from collections import Counter
@@ -30,13 +29,13 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import Query, Request
-from fastapi.responses import JSONResponse
 from ray.llm._internal.serve.core.ingress.ingress import DEFAULT_ENDPOINTS
 from ray.llm._internal.serve.core.ingress.mixins.broadcastable import ReplicaBroadcastable
 from ray.serve.llm.deployment import LLMServer
 from ray.serve.llm.ingress import OpenAiIngress
 
-from vllm_memoir.admin_api import ADMIN_KEY_ENV, AdminRefusal, ArtifactBody, ToggleBody, check_bearer
+from vllm_memoir.admin_api import (ADMIN_KEY_ENV, AdminRefusal, ArtifactBody, ToggleBody, check_bearer, key_hashes,
+                                   refusal_response, run_admin_call)
 from vllm_memoir.edit_control import EditControl, EditControlError, PreparedSwap, persist_enabled_flags
 
 logger = logging.getLogger(__name__)
@@ -176,10 +175,7 @@ class ReplicatedEditControl:
                 if not served["consistent"]:
                     raise EditControlError(409, f"replicas serve different edits {served['replicas']}; "
                                                 "POST the artifact to bring them together first")
-                path = Path(served["path"])
-                flags = {e["edit_id"]: e["enabled"] for e in served["edits"]}
-                await persist_enabled_flags(path, served["version"], flags)
-                answer["persisted"] = await self._swap(str(path))
+                answer["persisted"] = await self._swap(str(await persist_enabled_flags(served)))
             return answer
 
 
@@ -189,7 +185,7 @@ class MemoirIngress(OpenAiIngress, ReplicaBroadcastable):
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         key = os.environ.get(ADMIN_KEY_ENV)
-        self._memoir_key_hashes = [hashlib.sha256(key.encode()).digest()] if key else []
+        self._memoir_key_hashes = key_hashes([key] if key else [])
         if not key:
             logger.error("MEMOIR: admin routes are on but %s is unset in the ingress; every admin call will be "
                          "refused", ADMIN_KEY_ENV)
@@ -204,12 +200,9 @@ class MemoirIngress(OpenAiIngress, ReplicaBroadcastable):
                 async def broadcast(method: str, kwargs: dict[str, Any]) -> list[dict[str, Any]]:
                     return await self._broadcast_to_replicas(model_id, method, kwargs=kwargs)
                 control = self._memoir_controls[model_id] = ReplicatedEditControl(broadcast)
-            return await call(control)
+            return await run_admin_call(call(control))
         except AdminRefusal as exc:
-            return JSONResponse(status_code=exc.status, content={"error": exc.message})
-        except EditControlError as exc:
-            logger.warning("MEMOIR: admin change refused: %s", exc)
-            return JSONResponse(status_code=exc.status, content={"error": str(exc)})
+            return refusal_response(exc)
 
     async def memoir_edits(self, request: Request, offset: int = Query(0, ge=0),
                            limit: int | None = Query(None, ge=0), model: str | None = None):
