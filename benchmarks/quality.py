@@ -33,14 +33,17 @@ import torch
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "benchmarks"))  # for mask_overlap when run as a script
+if not __package__:  # run as a script (python benchmarks/quality.py): the package is in REPO
+    sys.path.insert(0, str(REPO))
 
+from benchmarks.mask_overlap import (best_threshold, overlap_distributions, plot_histogram,  # noqa: E402
+                                     prompt_features, quantiles)
+from benchmarks.report_paths import repo_relative  # noqa: E402
 from edit_tools.datasets import EditRequest, load_edit_dataset  # noqa: E402
 from edit_tools.editor import run_edit_job  # noqa: E402
 from edit_tools.evaluate import evaluate_edits  # noqa: E402
 from edit_tools.hf_model import MemoirHFModel  # noqa: E402
 from edit_tools.hparams import MemoirHyperParams  # noqa: E402
-from mask_overlap import best_threshold, overlap_distributions, plot_histogram, prompt_features, quantiles  # noqa: E402
 from vllm_memoir.core import MemoirArtifact  # noqa: E402
 from vllm_memoir.core.tophash import unpack_indices  # noqa: E402
 
@@ -130,7 +133,7 @@ def run_size(model: Path, data: Path, hp: MemoirHyperParams, work: Path, limit: 
     eval_seconds = time.perf_counter() - started
     row = {
         "T": len(requests),
-        "data": str(data),
+        "data": repo_relative(data),
         "rel": metrics["post"]["rel"],
         "gen": metrics["post"]["gen"],
         "loc": metrics["post"]["loc"],
@@ -237,8 +240,8 @@ def main(argv: list[str] | None = None) -> None:
         else:
             rows = sorted([r for r in earlier["rows"] if r["T"] not in sizes] + rows, key=lambda r: r["T"])
     result = {
-        "model": str(args.model.relative_to(REPO) if args.model.is_relative_to(REPO) else args.model),
-        "hparams": str(args.hparams.relative_to(REPO) if args.hparams.is_relative_to(REPO) else args.hparams),
+        "model": repo_relative(args.model),
+        "hparams": repo_relative(args.hparams),
         "overrides": args.set,
         "memoir": hp.to_dict(),
         "threads": args.threads,

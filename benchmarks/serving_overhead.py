@@ -41,6 +41,7 @@ from pathlib import Path
 import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from report_paths import command_line  # noqa: E402
 from synthetic_artifact import synthetic_artifact  # noqa: E402
 
 from vllm_memoir.server_process import REQUIRED_FLAGS, VllmServer, memoir_overrides, start_all  # noqa: E402
@@ -214,8 +215,10 @@ def served_model_id(server: VllmServer) -> str:
     return server.client().models.list().data[0].id
 
 
-def serve_args(max_model_len: int, eager: bool, extra: list[str]) -> list[str]:
-    args = ["--dtype", "float32", "--max-model-len", str(max_model_len), *REQUIRED_FLAGS, *extra]
+def serve_args(max_model_len: int, eager: bool, extra: list[str], engine_defaults: bool = False) -> list[str]:
+    """Both servers' flags: vLLM's defaults (prefix caching, chunked prefill on), or both off."""
+    routing_flags = [] if engine_defaults else REQUIRED_FLAGS
+    args = ["--dtype", "float32", "--max-model-len", str(max_model_len), *routing_flags, *extra]
     return args + (["--enforce-eager"] if eager else [])
 
 
@@ -413,8 +416,12 @@ def model_plan(args, workdir: Path, records: list[dict]) -> list[tuple]:
             if real is not None:
                 build = lambda out=out, n=n: synthetic_artifact(model_dir, out, n, like=real)  # noqa: E731
             else:
-                build = lambda out=out, n=n, md=model_dir: synthetic_artifact(  # noqa: E731
-                    md, out, n, route_prompts=edit_prompts, background_texts=background)
+                # At the last decoder layer, which vLLM's defaults (prefix caching, chunked
+                # prefill) can serve; the same layer for both engine settings.
+                last = json.loads((model_dir / "config.json").read_text())["num_hidden_layers"] - 1
+                out = out.with_name(f"{out.name}-layer{last}")
+                build = lambda out=out, n=n, md=model_dir, last=last: synthetic_artifact(  # noqa: E731
+                    md, out, n, layer=last, route_prompts=edit_prompts, background_texts=background)
             started = time.perf_counter()
             cached(out, n, build)
             logger.info("artifact %s ready (%.1f s)", out, time.perf_counter() - started)
@@ -460,6 +467,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--profile-dir", type=Path, help="also record a py-spy profile of each plugin server")
     parser.add_argument("--label", default="", help="free text stored with the results (e.g. 'before')")
     parser.add_argument("--table", type=Path, help="only print the markdown table of a results JSON")
+    parser.add_argument("--engine-defaults", action="store_true",
+                        help="serve both with vLLM's defaults (prefix caching and chunked prefill on; the plugin "
+                             "serves them exactly for edits at the last layer) instead of both turned off")
     parser.add_argument("--fresh-prompts", action="store_true",
                         help="new prompts every round, so the decision cache never answers (see fresh_variant)")
     args = parser.parse_args(argv)
@@ -477,7 +487,7 @@ def main(argv: list[str] | None = None) -> None:
     env: dict[str, str] = {}
     results = []
     for label, model_dir, max_len, config, artifacts in model_plan(args, args.workdir, records):
-        common = serve_args(max_len, args.eager, args.serve_arg)
+        common = serve_args(max_len, args.eager, args.serve_arg, args.engine_defaults)
         plain = server(model_dir, common + hf_overrides(config, None), args.workdir / "logs" / f"{label}-plain.log", env)
         try:
             for name, artifact, num_edits in artifacts:
@@ -498,10 +508,11 @@ def main(argv: list[str] | None = None) -> None:
     report = {
         "label": args.label,
         "machine": f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), shared with other jobs",
-        "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+        "command": command_line(Path(sys.argv[0]).name, argv if argv is not None else sys.argv[1:]),
         "workload": {"prompts": args.prompts, "max_tokens": args.max_tokens, "concurrency": args.concurrency,
                      "mix": "1/4 edit prompts, 1/4 paraphrases, 1/2 unrelated", "rounds": args.rounds,
-                     "compiled": not args.eager, "fresh_prompts": args.fresh_prompts},
+                     "compiled": not args.eager, "fresh_prompts": args.fresh_prompts,
+                     "engine": "vLLM defaults" if args.engine_defaults else "prefix caching and chunked prefill off"},
         "results": results,
         "client_retries": RETRIES[0],
     }

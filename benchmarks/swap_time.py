@@ -38,6 +38,7 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+from report_paths import command_line, repo_relative  # noqa: E402
 from synthetic_artifact import synthetic_artifact  # noqa: E402
 
 from vllm_memoir.server_process import REQUIRED_FLAGS, VllmServer, memoir_overrides  # noqa: E402
@@ -164,8 +165,8 @@ def run(args) -> dict:
             logger.info("%d edits: %s", size, json.dumps(entry))
     results["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                           "note": args.machine_note}
-    results["args"] = {"model": str(args.model), "like": str(like), "sizes": args.sizes, "repeats": args.repeats,
-                       "clients": args.clients, "eager": args.eager}
+    results["args"] = {"model": repo_relative(args.model), "like": repo_relative(like), "sizes": args.sizes,
+                       "repeats": args.repeats, "clients": args.clients, "eager": args.eager}
     return results
 
 
@@ -223,7 +224,7 @@ def main(argv: list[str] | None = None) -> None:
     args.workdir = args.workdir.resolve()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     results = run(args)
-    command = "python " + " ".join(["benchmarks/swap_time.py", *(argv if argv is not None else sys.argv[1:])])
+    command = "python " + command_line("benchmarks/swap_time.py", argv if argv is not None else sys.argv[1:])
     results["command"] = command
     text = json.dumps(results, indent=2)
     print(text)

@@ -64,13 +64,16 @@ done
 pin_flag=()
 [[ "$pin" == "1" ]] && pin_flag=(--pin)
 overrides="$("$python" -m vllm_memoir.hf_overrides "$model" "$artifact" "${pin_flag[@]}")"
+# An edit at the last decoder layer is served with vLLM's defaults (prefix caching, chunked
+# prefill); below it, later layers' KV depends on the route and both must be off.
+read -r -a routing_flags <<< "$("$python" -m vllm_memoir.hf_overrides "$model" "$artifact" --routing-flags)"
 
 command=("$python" -m vllm_memoir.serve "$model"
     --host "$host" --port "$port" --dtype "$dtype"
-    # Routing needs whole prompts in one forward pass and no KV shared between requests.
-    --no-enable-prefix-caching --no-enable-chunked-prefill
-    # CUDA graph replay would skip the routing op (torch.compile stays on); a no-op on CPU.
-    --compilation-config '{"cudagraph_mode": "NONE"}'
+    "${routing_flags[@]}"
+    # Piecewise CUDA graphs, split at the routing op (full graphs would freeze its host-side
+    # decisions); vLLM's CPU platform has no CUDA graphs and falls back to none.
+    --compilation-config '{"cudagraph_mode": "PIECEWISE"}'
     --tensor-parallel-size "$tp"
     --hf-overrides "$overrides")
 [[ -n "$executor" ]] && command+=(--distributed-executor-backend "$executor")
@@ -81,9 +84,6 @@ if [[ "$dry_run" == "1" ]]; then
     echo
     exit 0
 fi
-# Small CPU KV cache unless set: vLLM's CPU engine otherwise reserves a large share of memory.
-if ! command -v nvidia-smi >/dev/null 2>&1; then
-    export VLLM_CPU_KVCACHE_SPACE="${VLLM_CPU_KVCACHE_SPACE:-4}"
-fi
+# On CPU, memoir-serve sizes the KV cache from the model unless VLLM_CPU_KVCACHE_SPACE is set.
 echo "deploy/serve.sh: $model with $artifact on $host:$port, tensor-parallel size $tp" >&2
 exec "${command[@]}"

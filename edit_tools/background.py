@@ -7,6 +7,7 @@ a prompt rather than what every prompt shares.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -17,11 +18,13 @@ from .hf_model import MemoirHFModel
 
 logger = logging.getLogger(__name__)
 BACKGROUND_KEY = "background_mean"
+REFERENCE_ROWS = 100  # the reference averages the first 100 rows of its saved [N, D] features
 
 
 @torch.no_grad()
 def compute_background_mean(hf: MemoirHFModel, texts: list[str], batch_size: int = 16) -> torch.Tensor:
-    """Mean over texts of each text's mean down_proj input (padding excluded). Returns [D] float32."""
+    """Mean over texts of each text's mean down_proj input (padding excluded; over the artifact's routing
+    span when it has one). Returns [D] float32."""
     if not texts:
         raise ValueError("background features need at least one text")
     captured: list[torch.Tensor] = []
@@ -35,7 +38,7 @@ def compute_background_mean(hf: MemoirHFModel, texts: list[str], batch_size: int
                 captured.clear()
                 hf.model(input_ids=ids, attention_mask=attention, use_cache=False)
                 x = captured[0].float()
-                mask = attention.unsqueeze(-1).float()
+                mask = hf.route_mask(ids, attention.bool()).unsqueeze(-1).float()  # the routing span's tokens
                 per_text.append((x * mask).sum(1) / mask.sum(1))
     finally:
         handle.remove()
@@ -47,6 +50,9 @@ def save_background(mean: torch.Tensor, path: str | Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     save_file({BACKGROUND_KEY: mean.float().contiguous()}, str(tmp))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o666 & ~umask)  # save_file creates 0600; the file is read by jobs and servers of other users
     tmp.replace(path)
 
 
@@ -85,8 +91,22 @@ def convert_reference_background(pt_path: str | Path, out_path: str | Path) -> t
         raise ValueError(f"{pt_path}: expected a tensor, found {type(obj).__name__}")
     mean = obj.float()
     if mean.dim() == 2:
-        mean = mean.mean(0)
+        if mean.shape[0] > REFERENCE_ROWS:
+            logger.info("%s: averaging the first %d of %d rows, as the reference does", pt_path, REFERENCE_ROWS, mean.shape[0])
+        mean = mean[:REFERENCE_ROWS].mean(0)
     if mean.dim() != 1:
         raise ValueError(f"{pt_path}: expected shape [D] or [N, D], found {tuple(obj.shape)}")
+    save_background(mean, out_path)
+    return mean
+
+
+def save_background_features(model_dir: str | Path, module_path: str, texts: list[str], out_path: str | Path,
+                             device: str = "cpu", data_name: str = "the texts") -> torch.Tensor:
+    """Load the model, compute the background mean at `module_path` over `texts` and save it (safetensors)."""
+    from .datasets import warn_if_mostly_unknown
+
+    hf = MemoirHFModel.from_pretrained(model_dir, module_path=module_path, device=device)
+    warn_if_mostly_unknown(hf.tokenizer, texts, data_name, str(model_dir))
+    mean = compute_background_mean(hf, texts)
     save_background(mean, out_path)
     return mean

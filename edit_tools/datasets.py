@@ -205,12 +205,26 @@ def _log_unused_keys(path: Path, first: _Record, kind: str) -> None:
             logger.info("%s: reading as %s; ignoring fields %s", path, kind, unused)
 
 
-def _take(records: list[_Record], limit: int | None) -> list[_Record]:
-    if limit is None:
-        return records
-    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+def _check_limit(limit: int | None) -> None:
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
         raise ValueError(f"limit must be a non-negative integer or None, got {limit!r}")
-    return records[:limit]
+
+
+def _take(records: list, limit: int | None) -> list:
+    _check_limit(limit)
+    return records if limit is None else records[:limit]
+
+
+def _check_explicit_kind(path: Path, first: _Record, kind: str) -> None:
+    """A --data_type that does not fit the file is named once, not as one skipped record after another."""
+    fields = _require_object(first, path)
+    missing = [key for key in _FORMATS[kind].required if key not in fields]
+    if missing:
+        try:
+            looks = f"; the file looks like {_detect(path, first)}, not {kind}"
+        except DatasetError:
+            looks = ""
+        raise DatasetError(f"{first.where(path)} field {missing[0]!r} is missing{looks} (check the dataset kind / --data_type)")
 
 
 # ---------------------------------------------------------------- public loaders
@@ -219,20 +233,26 @@ def _take(records: list[_Record], limit: int | None) -> list[_Record]:
 def load_edit_dataset(
     path: str | Path, kind: str = "auto", limit: int | None = None, skip_invalid: bool = False
 ) -> list[EditRequest]:
-    """Read the first `limit` records of an edit dataset as EditRequests.
+    """Read an edit dataset's first `limit` editable records as EditRequests.
 
     kind: "auto" (from the first record's keys) or one of KINDS.
     skip_invalid: leave out, with a warning naming each, records that cannot be edited (the
-    public ZsRE file has a few empty targets) instead of raising DatasetError.
+    public ZsRE file has a few empty targets) instead of raising DatasetError; the records
+    left out do not count towards `limit`.
     """
     path = Path(path)
     _check_kind(path, kind)
+    _check_limit(limit)
     records = _read_records(path)
     if kind == "auto":
         kind = _detect(path, records[0])
+    else:
+        _check_explicit_kind(path, records[0], kind)
     _log_unused_keys(path, records[0], kind)
     requests, skipped = [], 0
-    for record in _take(records, limit):
+    for record in records:
+        if limit is not None and len(requests) >= limit:
+            break  # the limit counts the records kept: --skip-invalid --limit 100 gives 100 edits
         try:
             requests.append(_to_request(record, path, kind))
         except DatasetError as exc:
@@ -273,3 +293,57 @@ def load_text_pool(path: str | Path, limit: int | None = None) -> list[str]:
     texts = _take(texts, limit)
     logger.info("%s: %d texts for the background pool", path, len(texts))
     return texts
+
+
+def load_locality_texts(path: str | Path, limit: int | None = None) -> list[str]:
+    """The reference's irrelevant samples for background features: each record's locality prompt
+    followed by its answer ("loc loc_ans"), or the lines of a .txt file."""
+    path = Path(path)
+    _check_limit(limit)
+    if path.suffix == ".txt":
+        texts = [line.strip() for line in _read_text(path).splitlines() if line.strip()]
+    else:
+        records = _read_records(path)
+        kind = _detect(path, records[0])
+        fmt = _FORMATS[kind]
+        answer_key = next(key for key, name in fmt.fields.items() if name == "loc_ans")
+        texts = []
+        for record in records:
+            fields, where = _require_object(record, path), record.where(path)
+            loc = _text(fields, fmt.loc_key, where, required=False)
+            if loc:
+                texts.append(" ".join(t for t in (loc, _text(fields, answer_key, where, required=False)) if t))
+    if not texts:
+        raise DatasetError(f"{path}: no locality prompts found (the background features are computed on them)")
+    return _take(texts, limit)
+
+
+# ---------------------------------------------------------------- tokenizer fit
+
+UNKNOWN_SHARE_WARNING = 0.3  # above this share of <unk> prompt tokens, metrics on the data mean little
+
+
+def unknown_token_share(tokenizer, texts: list[str]) -> float:
+    """Share of the texts' tokens (special tokens excluded) that the tokenizer maps to its unknown token."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is None or not texts:
+        return 0.0
+    total = unknown = 0
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        total += len(ids)
+        unknown += sum(1 for i in ids if i == unk)
+    return unknown / total if total else 0.0
+
+
+def warn_if_mostly_unknown(tokenizer, texts: list[str], data_name: str, model_name: str, sample: int = 200) -> float:
+    """One warning when a data set's prompts are mostly unknown tokens for this model (e.g. real English
+    through the facts model's word-level vocabulary): edits and metrics would still come out, meaning little."""
+    share = unknown_token_share(tokenizer, texts[:sample])
+    if share > UNKNOWN_SHARE_WARNING:
+        logger.warning(
+            "%s: %.0f%% of the prompt tokens are unknown (<unk>) to %s's tokenizer, so edits and metrics on this data "
+            "mean little; for pipeline checks on real text build the small real-text model: "
+            "memoir tiny-model --out runs/tiny-real", data_name, 100 * share, model_name,
+        )
+    return share

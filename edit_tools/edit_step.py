@@ -16,7 +16,9 @@ import torch
 from torch import nn
 
 from vllm_memoir.core import aggregate_prompt_feature, masked_residual, tophash_indices
+from vllm_memoir.core.route_span import RouteSpan
 
+from .chat_markers import route_span_for
 from .hf_model import MemoirHFModel, get_submodule
 from .hparams import MemoirHyperParams
 
@@ -43,8 +45,19 @@ class EditResult:
     lr: float = 0.0
 
 
+def apply_prompt_format(hf: MemoirHFModel, hp: MemoirHyperParams) -> RouteSpan:
+    """Make `hf` edit prompts as `hp` says (chat template or plain text, routing span); returns
+    the span, with the chat template's marker ids, for the artifact to record."""
+    span = route_span_for(hp.routing_span, hf.tokenizer)
+    hf.set_prompt_format(hp.use_chat_template, span)
+    return span
+
+
 def build_edit_batch(hf: MemoirHFModel, prompt: str, target: str, templates: list[str], irrelevant: str | None) -> EditBatch:
-    """The edit under each context template (bare template first), plus the irrelevant text."""
+    """The edit under each context template (bare template first), plus the irrelevant text.
+
+    With the chat template, each templated prompt is the user message and the target the answer.
+    """
     rows, prompt_lens = [], []
     for template in templates:
         prompt_ids, target_ids = hf.prompt_target_ids(template.format(prompt), target)
@@ -169,8 +182,9 @@ def apply_edit(
     stack = _LayerStack(hf, hp.layer_index)
     edit_rows = slice(0, batch.num_edit_rows)
     cap = _capture(hf, stack, batch, edit_rows)
-    # The mask comes from the bare edit row's prompt tokens.
-    feature = aggregate_prompt_feature(cap.x[:1], batch.prompt_mask[:1], hp.prompt_feature_agg, background_mean)
+    # The mask comes from the bare edit row's prompt tokens (its routing span of them).
+    route_mask = hf.route_mask(batch.input_ids[:1], batch.prompt_mask[:1])
+    feature = aggregate_prompt_feature(cap.x[:1], route_mask, hp.prompt_feature_agg, background_mean)
     indices = tophash_indices(feature, hp.top_k, permutation)[0].to(cap.x.device)
 
     lr = hp.edit_lr

@@ -32,16 +32,17 @@ from vllm_memoir.core import (
 from vllm_memoir.core.artifact import MANIFEST_NAME
 
 from .background import compute_background_mean, load_background
-from .datasets import EditRequest, load_edit_dataset
-from .edit_step import apply_edit, build_edit_batch
+from .datasets import EditRequest, load_edit_dataset, warn_if_mostly_unknown
+from .edit_step import apply_edit, apply_prompt_format, build_edit_batch
 from .hf_model import MemoirHFModel
 from .hparams import MemoirHyperParams
+from .preflight import preflight
 from .templates import generate_context_templates
 
 logger = logging.getLogger(__name__)
 
 # Settings that must agree between an artifact and a job that extends it.
-_ROUTING_KEYS = ("top_k", "irr_threshold", "prompt_feature_agg", "inner_params")
+_ROUTING_KEYS = ("top_k", "irr_threshold", "prompt_feature_agg", "inner_params", "use_chat_template")
 
 
 class EditJobError(RuntimeError):
@@ -56,6 +57,7 @@ def requests_digest(requests: list[EditRequest]) -> str:
 def new_artifact(hf: MemoirHFModel, hp: MemoirHyperParams, model_id: str, requests: list[EditRequest]) -> MemoirArtifact:
     weight = hf.layer.base.weight
     hidden, inter = weight.shape
+    span = apply_prompt_format(hf, hp)  # before the background: it averages the same span
     generator = torch.Generator().manual_seed(hp.seed)
     # Drawn once and stored: the reference draws it from the global RNG and never saves it.
     permutation = torch.randperm(inter, generator=generator)
@@ -82,6 +84,8 @@ def new_artifact(hf: MemoirHFModel, hp: MemoirHyperParams, model_id: str, reques
         irr_threshold=hp.irr_threshold,
         aggregation=hp.prompt_feature_agg,
         hparams={"memoir": hp.to_dict(), "context_templates": templates},
+        routing_span=span.kind,
+        routing_span_markers=span.manifest_markers(),
     )
     return MemoirArtifact(
         manifest=manifest,
@@ -93,17 +97,32 @@ def new_artifact(hf: MemoirHFModel, hp: MemoirHyperParams, model_id: str, reques
     )
 
 
-def _check_output_dir(out_dir: Path) -> None:
-    """Fail before any edit is computed when the artifact could not be written at all."""
+def _check_output_dir(out_dir: Path) -> bool:
+    """Fail before any edit is computed when the artifact could not be written at all.
+
+    Returns whether this call created the directory, so a refused job can remove it again.
+    """
     if out_dir.exists() and not out_dir.is_dir():
         raise EditJobError(f"{out_dir}: the output path exists and is not a directory")
+    created = not out_dir.exists()
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(dir=out_dir, prefix=".write-check.", suffix=".tmp")
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
+        _remove_if_empty(out_dir, created)
         raise EditJobError(f"{out_dir}: cannot write the artifact there ({exc.strerror or exc})") from exc
+    return created
+
+
+def _remove_if_empty(out_dir: Path, created: bool) -> None:
+    """A refused or failed job leaves no empty output directory behind (only one it made itself)."""
+    if created:
+        try:
+            out_dir.rmdir()  # refuses a non-empty directory: a checkpoint, once written, stays
+        except OSError:
+            pass
 
 
 def _save_checkpoint(artifact: MemoirArtifact, out_dir: Path) -> None:
@@ -124,6 +143,9 @@ def _save_checkpoint(artifact: MemoirArtifact, out_dir: Path) -> None:
 
 def _check_compatible(artifact: MemoirArtifact, hp: MemoirHyperParams, where: Path) -> None:
     stored = artifact.manifest.hparams.get("memoir", {})
+    if artifact.manifest.routing_span != hp.routing_span:
+        raise EditJobError(f"{where}: artifact has routing_span={artifact.manifest.routing_span!r}, "
+                           f"the hyperparameters say {hp.routing_span!r}")
     for key in _ROUTING_KEYS:
         if key in stored and stored[key] != getattr(hp, key):
             raise EditJobError(f"{where}: artifact has {key}={stored[key]!r}, the hyperparameters say {getattr(hp, key)!r}")
@@ -139,21 +161,38 @@ def run_edit_job(
     progress: bool = True,
     stop_after: int | None = None,
     skip_invalid: bool = False,
+    device: str | None = None,
+    data_label: str | None = None,
 ) -> MemoirArtifact:
     """Run (or resume, or extend) an edit job; returns the final artifact.
 
     stop_after: stop once this many edits of the job are done (for tests and staged runs);
     the artifact is checkpointed there and a later call resumes.
+    device: where to load the model, as `preflight` returned it (the CLI checks first); when
+    None, the same checks run here, before the data set is read or the weights load.
     """
     out_dir = Path(out_dir)
+    if device is None:
+        _, device = preflight(hp, model_dir)
     requests = data if isinstance(data, list) else load_edit_dataset(data, limit=limit, skip_invalid=skip_invalid)
     if limit is not None:
         requests = requests[:limit]
     if not requests:
         raise EditJobError("the dataset has no edits")
+    created = _check_output_dir(out_dir)
+    try:
+        data_name = data_label or (str(data) if not isinstance(data, list) else "the edit requests")
+        return _run_checked_job(model_dir, data_name, requests, hp, out_dir, append, progress, stop_after, device)
+    except BaseException:
+        _remove_if_empty(out_dir, created)
+        raise
+
+
+def _run_checked_job(model_dir, data_name: str, requests: list[EditRequest], hp: MemoirHyperParams, out_dir: Path,
+                     append: bool, progress: bool, stop_after: int | None, device: str) -> MemoirArtifact:
     digest = requests_digest(requests)
-    _check_output_dir(out_dir)
-    hf = MemoirHFModel.from_pretrained(model_dir, module_path=hp.module_path, dtype=getattr(torch, hp.dtype), device=str(hp.device) if str(hp.device) != "0" else "cuda")
+    hf = MemoirHFModel.from_pretrained(model_dir, module_path=hp.module_path, dtype=getattr(torch, hp.dtype), device=device)
+    warn_if_mostly_unknown(hf.tokenizer, [r.prompt for r in requests], data_name, str(model_dir))
 
     if (out_dir / MANIFEST_NAME).exists():
         artifact = load_artifact(out_dir, expected_fingerprint=hf.fingerprint())
@@ -175,6 +214,7 @@ def run_edit_job(
         job = {"data_sha256": digest, "first_row": 0, "done": 0, "total": len(requests)}
 
     hf.layer.memory.data = artifact.memory.to(hf.device, torch.float32).clone()
+    hf.use_prompt_format(artifact.manifest)  # chat template and routing span, as the artifact records them
     templates = artifact.manifest.hparams["context_templates"]
     background = None if artifact.background_mean is None else artifact.background_mean.to(hf.device)
     permutation = artifact.permutation

@@ -3,6 +3,11 @@
 Unlike the research code (batch size 1), every row of a batch routes on its own: the first
 forward of a batch (the prompt) decides each row's route from its prompt positions, and
 later forwards (generated tokens) reuse it.
+
+An artifact may route on part of the prompt (its routing span: the last user message of a chat
+template, vllm_memoir/core/route_span.py) and may have been edited on prompts wrapped in the
+model's chat template (`use_chat_template`); both are read from the artifact and applied to
+every prompt this model edits, scores, routes or generates from.
 """
 
 from __future__ import annotations
@@ -17,7 +22,8 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from vllm_memoir.core import NO_ROUTE, MemoirArtifact, aggregate_prompt_feature, load_artifact, masked_residual, residual_by_route
-from vllm_memoir.core.artifact import base_fingerprint
+from vllm_memoir.core.artifact import ArtifactManifest, base_fingerprint
+from vllm_memoir.core.route_span import RouteSpan
 from vllm_memoir.core.routing import EditRouter, RouteDecision
 
 logger = logging.getLogger(__name__)
@@ -38,7 +44,9 @@ class MemoirDownProj(nn.Module):
         )
         self.train_indices: torch.Tensor | None = None
         self.router: EditRouter | None = None
+        self.route_span = RouteSpan()
         self.pending_prompt_mask: torch.Tensor | None = None
+        self.pending_input_ids: torch.Tensor | None = None  # the deciding forward's token ids
         self.routes: torch.Tensor | None = None
         self.decisions: list[RouteDecision] = []
 
@@ -62,8 +70,12 @@ class MemoirDownProj(nn.Module):
         return out
 
     def _decide_routes(self, x: torch.Tensor) -> None:
-        mask = self.pending_prompt_mask
-        self.pending_prompt_mask = None
+        mask, ids = self.pending_prompt_mask, self.pending_input_ids
+        self.pending_prompt_mask = self.pending_input_ids = None
+        if not self.route_span.whole_prompt:
+            if ids is None:
+                raise ValueError("routing on the last user message needs the forward's input_ids (not inputs_embeds)")
+            mask = self.route_span.mask(ids, mask)
         features = aggregate_prompt_feature(x, mask, self.router.aggregation, self.router.background_mean)
         self.decisions = self.router.route_features(features)
         self.routes = torch.tensor([d.route for d in self.decisions], dtype=torch.int64)
@@ -110,6 +122,14 @@ class MemoirHFModel:
         for param in model.parameters():
             param.requires_grad_(False)
         self.artifact: MemoirArtifact | None = None
+        self.use_chat_template = False
+        # The routing span needs the token ids of the forward that decides the routes; the
+        # input embedding sees them whoever calls the model (generate, tests, benchmarks).
+        model.get_input_embeddings().register_forward_pre_hook(self._see_input_ids)
+
+    def _see_input_ids(self, _module, args) -> None:
+        if self.layer.pending_prompt_mask is not None and args:
+            self.layer.pending_input_ids = args[0]
 
     @classmethod
     def from_pretrained(
@@ -153,6 +173,26 @@ class MemoirHFModel:
         self.layer.memory.data = artifact.memory.to(device, torch.float32).clone()
         self.layer.router = EditRouter(artifact, device)
         self.artifact = artifact
+        self.use_prompt_format(manifest)
+
+    def use_prompt_format(self, manifest: ArtifactManifest) -> None:
+        """Wrap prompts in the chat template and route on the span as `manifest` says."""
+        use_chat = bool(manifest.hparams.get("memoir", {}).get("use_chat_template", False))
+        self.set_prompt_format(use_chat, manifest.route_span())
+
+    def set_prompt_format(self, use_chat_template: bool, route_span: RouteSpan) -> None:
+        if use_chat_template and not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError(f"use_chat_template: the tokenizer of {self.name or 'this model'} has no chat template")
+        self.use_chat_template = use_chat_template
+        self.layer.route_span = route_span
+
+    @property
+    def route_span(self) -> RouteSpan:
+        return self.layer.route_span
+
+    def route_mask(self, input_ids: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
+        """prompt_mask [B, T] narrowed to each row's routing span (unchanged for span 'prompt')."""
+        return self.layer.route_span.mask(input_ids, prompt_mask)
 
     @contextmanager
     def routing_off(self):
@@ -165,6 +205,7 @@ class MemoirHFModel:
     def _start_routing(self, prompt_mask: torch.Tensor) -> None:
         self.layer.routes = None
         self.layer.decisions = []
+        self.layer.pending_input_ids = None
         self.layer.pending_prompt_mask = prompt_mask if self.layer.router is not None else None
 
     # --- tokenization ---------------------------------------------------------------------
@@ -173,13 +214,30 @@ class MemoirHFModel:
     def device(self) -> torch.device:
         return self.layer.base.weight.device
 
+    def chat_text(self, messages: list[dict[str, str]]) -> str:
+        """The chat template's text for `messages`, ending with the assistant's header (what
+        vLLM's /v1/chat/completions renders)."""
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        """Token ids of a conversation as vLLM's chat endpoint builds them: the template's text,
+        tokenized without adding special tokens (the template holds them)."""
+        return self.tokenizer(self.chat_text(messages), add_special_tokens=False)["input_ids"]
+
     def prompt_ids(self, prompt: str) -> list[int]:
+        if self.use_chat_template:
+            return self.chat_ids([{"role": "user", "content": prompt}])
         return self.tokenizer(prompt)["input_ids"]
 
     def prompt_target_ids(self, prompt: str, target: str) -> tuple[list[int], list[int]]:
-        """Token ids of prompt and of target as it continues `prompt + ' ' + target`."""
+        """Token ids of prompt and of target as it continues `prompt + ' ' + target` (with the
+        chat template: as the assistant's answer, right after its header)."""
         prompt_ids = self.prompt_ids(prompt)
-        full = self.tokenizer(f"{prompt} {target}")["input_ids"]
+        if self.use_chat_template:
+            full = self.tokenizer(self.chat_text([{"role": "user", "content": prompt}]) + target,
+                                  add_special_tokens=False)["input_ids"]
+        else:
+            full = self.tokenizer(f"{prompt} {target}")["input_ids"]
         if full[: len(prompt_ids)] != prompt_ids or len(full) == len(prompt_ids):
             raise ValueError(f"cannot split {prompt!r} + {target!r} into prompt and target tokens")
         return prompt_ids, full[len(prompt_ids):]
@@ -200,9 +258,14 @@ class MemoirHFModel:
     @torch.no_grad()
     def route(self, prompts: list[str]) -> list[RouteDecision]:
         """Each prompt's routing decision (what serving would decide)."""
+        return self.route_ids([self.prompt_ids(p) for p in prompts])
+
+    @torch.no_grad()
+    def route_ids(self, prompts: list[list[int]]) -> list[RouteDecision]:
+        """route() for prompts given as token ids (e.g. a whole conversation, templated)."""
         if self.layer.router is None:
             return [RouteDecision(NO_ROUTE, NO_ROUTE, 0.0) for _ in prompts]
-        ids, attention = self._pad([self.prompt_ids(p) for p in prompts], left=False)
+        ids, attention = self._pad(prompts, left=False)
         self._start_routing(attention.bool())
         self.model(input_ids=ids, attention_mask=attention, use_cache=False)
         return list(self.layer.decisions)
@@ -210,7 +273,11 @@ class MemoirHFModel:
     @torch.no_grad()
     def score(self, prompts: list[str], targets: list[str]) -> list[ScoredRow]:
         """Teacher-forced predictions of each target given its prompt (routed on the prompt)."""
-        split = [self.prompt_target_ids(p, t) for p, t in zip(prompts, targets)]
+        return self.score_ids([self.prompt_target_ids(p, t) for p, t in zip(prompts, targets)])
+
+    @torch.no_grad()
+    def score_ids(self, split: list[tuple[list[int], list[int]]]) -> list[ScoredRow]:
+        """score() for (prompt ids, target ids) pairs."""
         ids, attention = self._pad([p + t for p, t in split], left=False)
         prompt_mask = torch.zeros_like(attention, dtype=torch.bool)
         for i, (p, _) in enumerate(split):

@@ -1,8 +1,15 @@
-"""MEMOIR hyperparameters, read from the reference's YAML keys unchanged plus our own settings."""
+"""MEMOIR hyperparameters, read from the reference's YAML keys unchanged plus our own settings.
+
+Every value is checked when the file is read, and every error is one line that names the key,
+the value, what is wrong with it, the allowed values and where the value came from (the YAML
+file or the command-line flag that set it). Checks that need the model (layer index, top_k
+against the layer's width) live in `preflight.py`.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,9 +17,9 @@ from typing import Any
 
 import yaml
 
-from vllm_memoir.core import AGGREGATIONS
-
 _INNER_PARAM = re.compile(r"^(?P<prefix>.*layers)\[(?P<layer>\d+)\]\.(?P<rest>.+?)(\.weight)?$")
+_CUDA_DEVICE = re.compile(r"^cuda(:(?P<index>\d+))?$")
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 class HParamsError(ValueError):
@@ -24,7 +31,7 @@ class MemoirHyperParams:
     # Keys of the reference's hparams/MEMOIR/*.yaml, same names and defaults.
     alg_name: str = "MEMOIR"
     model_name: str = ""
-    device: Any = "cpu"
+    device: Any = "cpu"  # the reference's integer GPU index, or "cpu", "cuda", "cuda:N"
     edit_lr: float = 1.0
     n_iter: int = 30
     objective_optimization: str = "only_label"
@@ -49,6 +56,13 @@ class MemoirHyperParams:
     dtype: str = "float32"
     checkpoint_every: int = 10
     fast_loop: bool = True
+    # Which prompt tokens the route feature averages: "prompt" (all, the reference) or
+    # "last_user_message" (the chat template's last user turn; vllm_memoir/core/route_span.py).
+    routing_span: str = "prompt"
+
+    def __post_init__(self) -> None:
+        # Where each value came from, for error messages; not a hyperparameter (asdict skips it).
+        self.sources: dict[str, str] = {}
 
     @property
     def layer_index(self) -> int:
@@ -59,55 +73,215 @@ class MemoirHyperParams:
         prefix, layer, rest = self._parsed_inner()
         return f"{prefix}.{layer}.{rest}"
 
+    @property
+    def torch_device(self) -> str:
+        """The device as torch spells it (the reference's `device: 0` is `cuda:0`)."""
+        return parse_device(self.device)
+
     def _parsed_inner(self) -> tuple[str, int, str]:
         match = _INNER_PARAM.match(self.inner_params[0])
         return match["prefix"], int(match["layer"]), match["rest"]
 
+    # ------------------------------------------------------------------ checks
+
+    def origin(self, key: str) -> str:
+        """'; set in FILE' or '; set by --FLAG' for messages ('' for a default value)."""
+        source = self.sources.get(key)
+        if not source:
+            # Loaded from a file that does not set it: say so, or the user hunts for a value they never wrote.
+            return "; the default value" if self.sources else ""
+        return f"; set by {source}" if source.startswith("-") else f"; set in {source}"
+
+    def bad_value(self, key: str, problem: str, allowed: str, value: Any = dataclasses.MISSING,
+                  shown: str | None = None) -> HParamsError:
+        """The one-line error for a value: `<key>: <value> <problem> (allowed: <range>)`."""
+        shown = shown or _show(getattr(self, key) if value is dataclasses.MISSING else value)
+        return HParamsError(f"{key}: {shown} {problem} (allowed: {allowed}){self.origin(key)}")
+
+    def _choice(self, key: str, choices: tuple[str, ...]) -> None:
+        value = getattr(self, key)
+        if value not in choices:
+            raise self.bad_value(key, "is not supported", ", ".join(choices))
+
+    def _integer(self, key: str, minimum: int) -> None:
+        value = getattr(self, key)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.bad_value(key, "is not an integer", f"an integer >= {minimum}")
+        if value < minimum:
+            raise self.bad_value(key, f"is below {minimum}", f"an integer >= {minimum}")
+
+    def _number(self, key: str, low: float, high: float | None = None, low_open: bool = False) -> None:
+        value = getattr(self, key)
+        allowed = f"{'>' if low_open else '>='} {low:g}" if high is None else f"{low:g} to {high:g}"
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise self.bad_value(key, "is not a number", allowed)
+        too_low = value <= low if low_open else value < low
+        if too_low or (high is not None and value > high) or value != value:  # value != value: NaN
+            raise self.bad_value(key, "is out of range", allowed)
+
+    def _flag(self, key: str) -> None:
+        if not isinstance(getattr(self, key), bool):
+            raise self.bad_value(key, "is not a boolean", "true, false")
+
     def validate(self) -> "MemoirHyperParams":
+        from vllm_memoir.core import AGGREGATIONS  # here, not at the top: the CLI checks its paths before torch loads
+
         if self.alg_name != "MEMOIR":
-            raise HParamsError(f"alg_name is {self.alg_name!r}; this tool runs MEMOIR")
-        if len(self.inner_params) != 1 or not _INNER_PARAM.match(self.inner_params[0]):
-            raise HParamsError(
-                f"inner_params must name one down_proj weight like 'model.layers[27].mlp.down_proj.weight', got {self.inner_params}"
-            )
-        if not self.inner_params[0].split("[")[1].split(".", 1)[1].startswith("mlp.down_proj"):
-            raise HParamsError(f"inner_params {self.inner_params[0]!r}: MEMOIR edits an MLP down_proj")
-        if self.objective_optimization != "only_label":
-            raise HParamsError(f"objective_optimization {self.objective_optimization!r} is not supported (only 'only_label')")
-        if self.prompt_feature_agg not in AGGREGATIONS:
-            raise HParamsError(f"prompt_feature_agg {self.prompt_feature_agg!r} not in {AGGREGATIONS}")
-        if self.weight_decay_scope not in ("all", "masked"):
-            raise HParamsError(f"weight_decay_scope {self.weight_decay_scope!r} not in ('all', 'masked')")
-        if self.lr_scaling not in ("none", "activation"):
-            raise HParamsError(f"lr_scaling {self.lr_scaling!r} not in ('none', 'activation')")
-        if self.top_k <= 0 or self.n_iter <= 0 or self.edit_lr <= 0:
-            raise HParamsError("top_k, n_iter and edit_lr must be positive")
-        if not 0.0 <= self.irr_threshold <= 1.0:
-            raise HParamsError(f"irr_threshold {self.irr_threshold} must be in [0, 1]")
+            raise self.bad_value("alg_name", "is another method; this tool runs MEMOIR", "MEMOIR")
+        example = "['model.layers[27].mlp.down_proj.weight']"
+        inner = self.inner_params
+        if not isinstance(inner, list) or len(inner) != 1 or not isinstance(inner[0], str) or not _INNER_PARAM.match(inner[0]):
+            raise self.bad_value("inner_params", "does not name one layer's weight", f"one entry like {example}")
+        if not _INNER_PARAM.match(inner[0])["rest"].startswith("mlp.down_proj"):
+            raise self.bad_value("inner_params", "is not an MLP down_proj: MEMOIR edits a down_proj", f"one entry like {example}")
+        parse_device(self.device, self)
+        self._choice("objective_optimization", ("only_label",))
+        self._choice("prompt_feature_agg", AGGREGATIONS)
+        self._choice("weight_decay_scope", ("all", "masked"))
+        self._choice("lr_scaling", ("none", "activation"))
+        self._choice("dtype", DTYPES)
+        self._choice("routing_span", ("prompt", "last_user_message"))
+        if self.routing_span == "last_user_message" and self.prompt_feature_agg == "last":
+            raise self.bad_value("routing_span", "needs prompt_feature_agg mean or mean_decentered, not 'last'",
+                                 "prompt, last_user_message")
+        self._integer("top_k", 1)
+        self._integer("n_iter", 1)
+        self._integer("num_background_texts", 1)
+        self._integer("checkpoint_every", 1)
+        self._integer("seed", 0)
+        self._number("edit_lr", 0, low_open=True)
+        self._number("irr_threshold", 0, 1)
+        self._number("weight_decay", 0)
+        self._number("grad_clip", 0, low_open=True)
+        self._number("early_stop_delta", 0)
+        self._number("early_stop_loss", 0)
+        for key in ("RUN_SAVE_BACKGROUND_FEATURES", "fast_loop", "model_parallel", "use_chat_template"):
+            self._flag(key)
+        # Accepted so the reference's files load, but this tool has no such mode: say so rather than ignore it.
+        if self.model_parallel:
+            raise self.bad_value("model_parallel", "is not supported: the edit job runs on one device", "false")
+        for key in ("dir_background_features", "dir_to_save_background_features", "model_name"):
+            value = getattr(self, key)
+            if value is not None and not isinstance(value, str):
+                raise self.bad_value(key, "is not a path or name", "a string")
         return self
 
+    # ------------------------------------------------------------------ loading
+
     @classmethod
-    def from_dict(cls, obj: dict[str, Any], where: str = "hparams") -> "MemoirHyperParams":
+    def from_dict(
+        cls, obj: dict[str, Any], where: str = "hparams", overrides: dict[str, tuple[Any, str]] | None = None
+    ) -> "MemoirHyperParams":
+        """Build from a mapping of the YAML's keys; `overrides` maps key -> (value, flag that set it)."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(obj) - known)
         if unknown:
-            raise HParamsError(f"{where}: unknown keys {unknown}; known keys are {sorted(known)}")
-        try:
-            return cls(**obj).validate()
-        except (TypeError, ValueError, IndexError) as exc:
-            if isinstance(exc, HParamsError):
-                raise HParamsError(f"{where}: {exc}") from exc
-            raise HParamsError(f"{where}: {exc}") from exc
+            hints = "".join(f" ({name}: did you mean {', '.join(close)}?)" for name in unknown if (close := close_keys(name)))
+            raise HParamsError(f"{where}: unknown keys {unknown}{hints}; known keys are {sorted(known)}")
+        values = dict(obj)
+        sources = {key: where for key in obj}
+        for key, (value, flag) in (overrides or {}).items():
+            if key not in known:
+                raise unknown_key_error(key, flag)
+            values[key], sources[key] = value, flag
+        hp = cls(**{key: _coerce(cls, key, value) for key, value in values.items()})
+        hp.sources = sources
+        return hp.validate()
 
     @classmethod
-    def from_yaml(cls, path: str | Path) -> "MemoirHyperParams":
+    def from_yaml(cls, path: str | Path, overrides: dict[str, tuple[Any, str]] | None = None) -> "MemoirHyperParams":
         path = Path(path)
-        if not path.exists():
-            raise HParamsError(f"{path}: hyperparameter file not found")
-        obj = yaml.safe_load(path.read_text()) or {}
+        if not path.is_file():
+            raise HParamsError(f"{path}: hyperparameter file not found" if not path.exists() else f"{path}: not a file")
+        try:
+            obj = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise HParamsError(f"{path}: not valid YAML{at} ({getattr(exc, 'problem', None) or exc})") from None
         if not isinstance(obj, dict):
             raise HParamsError(f"{path}: expected a YAML mapping of hyperparameters")
-        return cls.from_dict(obj, str(path))
+        return cls.from_dict(obj, str(path), overrides)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def hyperparameter_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(MemoirHyperParams)]
+
+
+def close_keys(name: str) -> list[str]:
+    """Known keys that look like `name` (edit_rate -> edit_lr; top-k -> top_k)."""
+    names = hyperparameter_names()
+    normalized = name.replace("-", "_")
+    exact = [known for known in names if known.lower() == normalized.lower()]
+    return exact or difflib.get_close_matches(normalized, names, n=3, cutoff=0.6)
+
+
+def unknown_key_error(key: str, flag: str) -> HParamsError:
+    close = close_keys(key)
+    hint = f"did you mean {', '.join(close)}?" if close else f"known keys: {', '.join(hyperparameter_names())}"
+    return HParamsError(f"{flag}: unknown hyperparameter {key!r}; {hint}")
+
+
+def parse_override(text: str, flag: str = "--set") -> tuple[str, Any]:
+    """'KEY=VALUE' with VALUE read as a YAML scalar (4096, 0.4, true, null, 1e-5, a path)."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise HParamsError(f"{flag} {text!r}: expected KEY=VALUE, e.g. {flag} top_k=4096")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw  # e.g. an unbalanced bracket in a path: keep the text as it is
+    return key, value
+
+
+def parse_device(value: Any, hp: MemoirHyperParams | None = None) -> str:
+    """The reference's device (an integer GPU index) or a torch device string, as torch spells it."""
+    problem = None
+    if isinstance(value, bool):
+        problem = "is not a device"
+    elif isinstance(value, int):
+        if value >= 0:
+            return f"cuda:{value}"
+        problem = "is not a GPU index"
+    elif isinstance(value, str):
+        text = value.strip().lower()
+        if text.isdigit():
+            return f"cuda:{int(text)}"
+        if text == "cpu" or _CUDA_DEVICE.match(text):
+            return text
+        problem = "is not a device"
+    else:
+        problem = "is not a device"
+    allowed = "a GPU index like 0, cpu, cuda, cuda:N"
+    if hp is not None:
+        raise hp.bad_value("device", problem, allowed, value)
+    raise HParamsError(f"device: {_show(value)} {problem} (allowed: {allowed})")
+
+
+def _coerce(cls, key: str, value: Any) -> Any:
+    """Accept what YAML and command lines produce for numbers and flags ('1e-5' is a string in YAML 1.1)."""
+    kind = {f.name: f.type for f in dataclasses.fields(cls)}[key]
+    if kind == "float" and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    if kind == "int" and isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value)
+    if kind == "bool" and isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    if kind == "list[str]" and isinstance(value, str):
+        return [value]  # --set inner_params=model.layers[3].mlp.down_proj.weight
+    return value
+
+
+def _show(value: Any) -> str:
+    text = repr(value) if isinstance(value, str) else str(value)
+    return text if len(text) <= 80 else text[:77] + "..."

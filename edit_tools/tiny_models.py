@@ -128,3 +128,60 @@ def build_words_dataset(path: str | Path, count: int, seed: int = 0) -> Path:
     path = Path(path)
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+# ---------------------------------------------------------------- a small model that reads real text
+
+# Byte-level BPE never yields <unk>, so any English reads; fitting the merges to the data only
+# makes its token sequences shorter. These lines are the default when no --texts are given.
+DEFAULT_REAL_TEXTS = [
+    "What university did the scientist attend? The University of Michigan.",
+    "Which city is the capital of the country? The capital is a large city on the river.",
+    "Who is the author of the novel, and when was it first published?",
+    "nq question: who played the father in the film? The actor was born in London.",
+    "This is a Wikipedia passage about an American singer who was born in 1969 in Detroit.",
+    "The company was founded in 1998 and makes software for small businesses.",
+    "Which language does she speak? She speaks English, French and Spanish.",
+    "The mountain is the highest in the range, and the team plays football in the league.",
+]
+_MODEL_FILES = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+                "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"}
+
+
+def training_texts(paths: list[str | Path]) -> list[str]:
+    """Every string of the given files: the lines of a .txt file, each record's string fields otherwise."""
+    texts: list[str] = []
+    for path in map(Path, paths):
+        if path.suffix == ".txt":
+            texts += [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            continue
+        raw = path.read_text(encoding="utf-8")
+        records = [json.loads(line) for line in raw.splitlines() if line.strip()] if path.suffix == ".jsonl" else json.loads(raw)
+        for record in records if isinstance(records, list) else [records]:
+            if isinstance(record, dict):
+                texts += [value for value in record.values() if isinstance(value, str) and value.strip()]
+    return texts
+
+
+def build_real_text_model(out_dir: str | Path, texts: list[str] | None = None, num_layers: int = 4,
+                          intermediate_size: int = 512, seed: int = 0) -> Path:
+    """A tiny random Llama with a byte-level BPE tokenizer: real text tokenizes without unknowns, so
+    pipelines (edit, evaluate, serve) run on real data sets. Its answers mean nothing: it is untrained."""
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or set(p.name for p in out.iterdir()) - _MODEL_FILES):
+        raise ValueError(f"--out {out}: exists and holds other files; give a new directory")
+    tokenizer = build_bpe_tokenizer(list(texts or DEFAULT_REAL_TEXTS))
+    return build_tiny_llama(out, intermediate_size=intermediate_size, num_layers=num_layers, seed=seed, tokenizer=tokenizer)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m edit_tools.tiny_models --out DIR` is `memoir tiny-model --out DIR`."""
+    import sys
+
+    from .cli import main as memoir_main
+
+    return memoir_main(["tiny-model", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

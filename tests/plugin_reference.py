@@ -1,4 +1,5 @@
-"""Reference answers for the plugin's parity tests: the transformers MEMOIR model, from token ids.
+"""Reference answers for the plugin's parity tests: the transformers MEMOIR model, from token ids,
+and the served side they are compared with (greedy completions with their token ids).
 
 vLLM reports the exact prompt token ids it served (return_token_ids), so the reference
 runs on those ids rather than re-tokenizing (chat templates, for one, add no <s>).
@@ -33,3 +34,71 @@ def token_logprobs(hf: MemoirHFModel, prompt: list[int], completion: list[int]) 
     logprobs = torch.log_softmax(logits[0], dim=-1)
     positions = torch.arange(len(prompt) - 1, len(prompt) - 1 + len(completion))
     return logprobs[positions, torch.tensor(completion)].tolist()
+
+
+def split_clear_of_threshold(reference: MemoirHFModel, candidates: list[str], threshold: float,
+                             margin: float) -> tuple[list[str], list[str]]:
+    """(routed, unrouted) candidates, in order, leaving out those within `margin` of the threshold
+    (a float-level difference could flip their route between vLLM and the reference)."""
+    decisions = reference.route(candidates)
+    chosen = [(p, d.route) for p, d in zip(candidates, decisions) if abs(d.overlap - threshold) >= margin]
+    return [p for p, route in chosen if route >= 0], [p for p, route in chosen if route < 0]
+
+
+def served_client(server):
+    client = server.client()
+    client.memoir_model = client.models.list().data[0].id
+    return client
+
+
+def complete(client, prompt, max_tokens: int, logprobs: int | None = None):
+    """(prompt token ids, completion token ids, choice) of a greedy completion, EOS ignored.
+
+    `prompt` is text or a list of token ids."""
+    response = client.completions.create(
+        model=client.memoir_model, prompt=prompt, max_tokens=max_tokens, temperature=0.0, logprobs=logprobs,
+        extra_body={"return_token_ids": True, "ignore_eos": True},
+    )
+    choice = response.choices[0]
+    return list(choice.prompt_token_ids), list(choice.token_ids), choice
+
+
+def served_token_ids(client, api: str, prompt: str, stream: bool, max_tokens: int) -> tuple[list[int], list[int]]:
+    """(prompt token ids, completion token ids) from the completions or chat API, streamed or not."""
+    common = dict(model=client.memoir_model, max_tokens=max_tokens, temperature=0.0, stream=stream,
+                  extra_body={"return_token_ids": True, "ignore_eos": True})
+    if api == "chat":
+        response = client.chat.completions.create(messages=[{"role": "user", "content": prompt}], **common)
+    else:
+        response = client.completions.create(prompt=prompt, **common)
+    chunks = response if stream else [response]
+    prompt_ids, token_ids = None, []
+    for chunk in chunks:
+        # chat reports prompt ids on the response, completions on the choice
+        prompt_ids = getattr(chunk, "prompt_token_ids", None) or prompt_ids
+        for choice in chunk.choices:
+            prompt_ids = getattr(choice, "prompt_token_ids", None) or prompt_ids
+            token_ids += list(getattr(choice, "token_ids", None) or [])
+    return list(prompt_ids or []), token_ids
+
+
+def assert_parity(reference: MemoirHFModel, client, prompts: list, max_tokens: list[int], concurrency: int) -> None:
+    """Greedy completions served concurrently are token-identical to the reference's."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(concurrency) as pool:
+        results = list(pool.map(lambda args: complete(client, *args), zip(prompts, max_tokens)))
+    expected = greedy_ids(reference, [r[0] for r in results], max(max_tokens))
+    mismatches = [(p, got, want[:n]) for p, (_, got, _), want, n in zip(prompts, results, expected, max_tokens)
+                  if got != want[:n]]
+    assert not mismatches, f"{len(mismatches)}/{len(prompts)} differ, e.g. {mismatches[:3]}"
+    print(f"parity: {len(prompts)}/{len(prompts)} greedy completions token-identical (concurrency {concurrency})")
+
+
+@torch.no_grad()
+def route_ids(hf: MemoirHFModel, prompts: list[list[int]]):
+    """The reference's routing decision for prompts given as token ids."""
+    ids, attention = hf._pad(prompts, left=False)
+    hf._start_routing(attention.bool())
+    hf.model(input_ids=ids, attention_mask=attention, use_cache=False)
+    return list(hf.layer.decisions)

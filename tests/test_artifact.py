@@ -2,37 +2,13 @@ import json
 
 import pytest
 import torch
+from helpers import COLUMNS as D
+from helpers import HIDDEN as H
+from helpers import make_artifact
 from safetensors.torch import save_file
 
-from vllm_memoir.core import (
-    ArtifactError,
-    ArtifactManifest,
-    EditRecord,
-    MemoirArtifact,
-    load_artifact,
-    pack_indices,
-    read_manifest,
-    save_artifact,
-    tophash_indices,
-)
+from vllm_memoir.core import ArtifactError, MemoirArtifact, load_artifact, read_manifest, save_artifact
 from vllm_memoir.core import artifact as artifact_module
-
-H, D, K = 16, 300, 20
-
-
-def make_artifact(num_edits: int = 3, seed: int = 0) -> MemoirArtifact:
-    gen = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(D, generator=gen)
-    masks = pack_indices(tophash_indices(torch.randn(num_edits, D, generator=gen), K, perm), D)
-    manifest = ArtifactManifest(
-        base_model="tiny", base_fingerprint="f" * 64, module_path="model.layers.1.mlp.down_proj", layer_index=1,
-        hidden_size=H, intermediate_size=D, dtype="float32", top_k=K, irr_threshold=0.5, aggregation="mean_decentered",
-    )
-    return MemoirArtifact(
-        manifest=manifest, memory=torch.randn(H, D, generator=gen), masks=masks, permutation=perm,
-        background_mean=torch.randn(D, generator=gen),
-        edits=[EditRecord(edit_id=i, prompt=f"p{i}", target=f"t{i}") for i in range(num_edits)],
-    )
 
 
 def _tensor_file(path):
@@ -128,3 +104,153 @@ def _mask_beyond_dim():
     row[first] = int(row[first]) ^ low
     row[301 // 8] = int(row[301 // 8]) | (1 << (301 % 8))
     return masks
+
+
+# --- only regular files are read, and paths in messages are bounded ---------------------------------
+
+def _read_in_thread(fn, timeout: float = 10.0):
+    """Run fn on a daemon thread: a reader that blocks (on a FIFO) fails the test instead of hanging it."""
+    import threading
+
+    outcome = {}
+
+    def run():
+        try:
+            outcome["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001 -- handed to the test
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    assert not thread.is_alive(), "the reader blocked"
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+def _make_fifo(path):
+    import os
+
+    path.unlink(missing_ok=True)
+    os.mkfifo(path)
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda p: ((p / "manifest.json").unlink(), (p / "manifest.json").mkdir()), r"manifest\.json: is a directory"),
+    (lambda p: _make_fifo(p / "manifest.json"), r"manifest\.json: is a FIFO"),
+    (lambda p: _make_fifo(_tensor_file(p)), r"memoir-v1\.safetensors: is a FIFO"),
+    (lambda p: _make_fifo(next(p.glob("edits-v*.jsonl"))), r"edits-v1\.jsonl: is a FIFO"),
+], ids=["manifest-directory", "manifest-fifo", "tensors-fifo", "edits-fifo"])
+def test_files_that_are_not_regular_are_refused_without_blocking(tmp_path, mutate, message):
+    save_artifact(make_artifact(), tmp_path)
+    mutate(tmp_path)
+    with pytest.raises(ArtifactError, match=message):
+        _read_in_thread(lambda: load_artifact(tmp_path))
+
+
+def test_a_manifest_over_the_size_limit_is_refused(tmp_path, monkeypatch):
+    save_artifact(make_artifact(), tmp_path)
+    size = (tmp_path / "manifest.json").stat().st_size
+    monkeypatch.setattr(artifact_module, "MAX_MANIFEST_BYTES", size - 1)
+    with pytest.raises(ArtifactError, match=rf"manifest\.json: {size} bytes, more than the {size - 1}"):
+        read_manifest(tmp_path)
+
+
+def test_unusable_paths_get_one_bounded_line(tmp_path):
+    long_name = tmp_path / ("x" * 300)  # one component over NAME_MAX: ENAMETOOLONG, not "missing"
+    with pytest.raises(ArtifactError) as info:
+        read_manifest(long_name)
+    message = str(info.value)
+    assert "cannot be read (File name too long)" in message and "\n" not in message
+    assert len(message) < 400 and "characters)" in message, message
+
+    huge = "/" + "y/" * 2_500_000  # a 5 MB path, as a client may post
+    with pytest.raises(ArtifactError) as info:
+        read_manifest(huge)
+    assert len(str(info.value)) < 400 and str(info.value).startswith("/y/y/"), str(info.value)[:400]
+
+    with pytest.raises(ArtifactError, match="NUL character"):
+        read_manifest(str(tmp_path) + "/a\0b")
+    with pytest.raises(ArtifactError, match=r"manifest\.json: missing \(is .* a MEMOIR artifact directory\?\)"):
+        read_manifest(tmp_path / "absent")
+
+
+# --- versions: one per published state, not one per checkpoint -------------------------------------
+
+def _checkpoint(artifact: MemoirArtifact, directory, done: int, total: int, digest: str = "d1", first_row: int = 0):
+    artifact.manifest.hparams["job"] = {"data_sha256": digest, "first_row": first_row, "done": done, "total": total}
+    save_artifact(artifact, directory)
+    return read_manifest(directory)
+
+
+def test_checkpoints_of_one_job_share_its_version(tmp_path):
+    """A fresh job checkpointing 3 times publishes version 1; an append job publishes version 2."""
+    artifact = make_artifact(3)
+    assert _checkpoint(artifact, tmp_path, 1, 3).version == 1
+    assert sorted(p.name for p in tmp_path.glob("memoir-v*")) == ["memoir-v1.part1.safetensors"]
+    assert _checkpoint(artifact, tmp_path, 2, 3).version == 1
+    assert sorted(p.name for p in tmp_path.glob("memoir-v*")) == ["memoir-v1.part2.safetensors"]
+    final = _checkpoint(artifact, tmp_path, 3, 3)
+    assert final.version == 1 and sorted(final.files) == ["edits-v1.jsonl", "memoir-v1.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["edits-v1.jsonl", "manifest.json", "memoir-v1.safetensors"]
+
+    # A resumed job (the artifact read back from disk) goes on in the same version.
+    resumed = load_artifact(tmp_path)
+    appended = _checkpoint(resumed, tmp_path, 1, 2, digest="d2", first_row=3)
+    assert appended.version == 2
+    resumed = load_artifact(tmp_path)
+    assert _checkpoint(resumed, tmp_path, 2, 2, digest="d2", first_row=3).version == 2
+    assert load_artifact(tmp_path).manifest.version == 2
+
+
+def test_another_job_over_an_unfinished_one_is_a_new_version(tmp_path):
+    artifact = make_artifact(3)
+    assert _checkpoint(artifact, tmp_path, 1, 3).version == 1
+    assert _checkpoint(make_artifact(3, seed=1), tmp_path, 1, 3, digest="other").version == 2
+    # A save with no job (a persisted flag) is always a new version.
+    assert _checkpoint(make_artifact(3), tmp_path, 3, 3, digest="other").version == 2
+    plain = load_artifact(tmp_path)
+    plain.manifest.hparams.pop("job")
+    save_artifact(plain, tmp_path)
+    assert read_manifest(tmp_path).version == 3
+
+
+# --- file modes -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_artifact_files_get_the_umask_mode_not_0600(tmp_path, umask):
+    import os
+    import stat
+
+    previous = os.umask(umask)
+    try:
+        save_artifact(make_artifact(), tmp_path)
+        save_artifact(make_artifact(), tmp_path)  # a second version replaces every file
+    finally:
+        os.umask(previous)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()}
+    assert sorted(modes) == ["edits-v2.jsonl", "manifest.json", "memoir-v2.safetensors"]
+    assert set(modes.values()) == {0o666 & ~umask}, {name: oct(mode) for name, mode in modes.items()}
+
+
+def test_a_fresh_edit_job_is_version_1_however_often_it_checkpoints(tiny_model_dir, words_dataset, tmp_path, capsys):
+    """The user-visible numbers: `memoir inspect` says version 1 after a job of 3 checkpoints, 2 after --append."""
+    from edit_tools import cli
+    from edit_tools.editor import run_edit_job
+    from edit_tools.hparams import MemoirHyperParams
+
+    hp = MemoirHyperParams(inner_params=["model.layers[2].mlp.down_proj.weight"], top_k=128, n_iter=2,
+                           checkpoint_every=1).validate()
+    out = tmp_path / "artifact"
+    run_edit_job(tiny_model_dir, words_dataset, hp, out, limit=3, progress=False)
+    assert read_manifest(out).version == 1
+    capsys.readouterr()
+    assert cli.main(["inspect", str(out)]) in (0, None)
+    assert "version 1)" in capsys.readouterr().out
+    more = tmp_path / "more.jsonl"
+    more.write_text("".join(words_dataset.read_text().splitlines(True)[3:5]))
+    run_edit_job(tiny_model_dir, more, hp, out, append=True, progress=False)
+    manifest = read_manifest(out)
+    assert manifest.version == 2 and manifest.num_edits == 5
+    assert sorted(p.name for p in out.iterdir()) == ["edits-v2.jsonl", "manifest.json", "memoir-v2.safetensors"]

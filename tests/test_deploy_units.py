@@ -11,9 +11,10 @@ from types import SimpleNamespace
 import pytest
 
 from vllm_memoir.core import ArtifactManifest
-from vllm_memoir.hf_overrides import artifact_pin, memoir_architecture, memoir_hf_overrides
+from vllm_memoir.hf_overrides import artifact_pin, memoir_architecture, memoir_hf_overrides, routing_flags
 from vllm_memoir.plugin import ARCHITECTURES, V1_TRACKER
-from vllm_memoir.validation import MemoirConfigError, artifact_sha256, check_expected_artifact
+from vllm_memoir.validation import (ROUTING_FLAGS, MemoirConfigError, artifact_sha256, check_expected_artifact,
+                                    routing_flags_for)
 
 REPO = Path(__file__).resolve().parents[1]
 SHA = "ab" * 32
@@ -89,6 +90,12 @@ def test_overrides_carry_an_absolute_artifact_path_and_the_pin(tiny_model_dir, w
     out = subprocess.run([sys.executable, "-m", "vllm_memoir.hf_overrides", str(tiny_model_dir), "art"],
                          capture_output=True, text=True, check=True)
     assert json.loads(out.stdout) == {"architectures": ["MemoirLlamaForCausalLM"], "memoir_path": str(tmp_path / "art")}
+    # layer 2 of the tiny model's 4: prefix caching and chunked prefill must be off
+    flags = subprocess.run([sys.executable, "-m", "vllm_memoir.hf_overrides", str(tiny_model_dir), "art",
+                            "--routing-flags"], capture_output=True, text=True, check=True)
+    assert flags.stdout.split() == ROUTING_FLAGS
+    assert routing_flags(tiny_model_dir, "art") == ROUTING_FLAGS
+    assert routing_flags_for(3, 4) == []  # at the last layer: vLLM's defaults
 
 
 # --- Ray Serve LLM config ----------------------------------------------------------------------
@@ -97,13 +104,16 @@ def test_engine_kwargs_carry_what_routing_needs(tiny_model_dir, tmp_path, monkey
     from vllm_memoir import ray_app
 
     monkeypatch.setattr(ray_app, "memoir_hf_overrides", lambda model, artifact, pin: {"memoir_path": str(artifact)})
+    monkeypatch.setattr(ray_app, "routing_flags", lambda model, artifact: ROUTING_FLAGS if artifact == "art" else [])
     cpu = ray_app.memoir_engine_kwargs(tiny_model_dir, "art", accelerator="cpu", env_vars={},
                                        engine_kwargs={"max_model_len": 64, "logits_processors": ["a:B"]})
     assert cpu["enable_prefix_caching"] is False and cpu["enable_chunked_prefill"] is False
+    last_layer = ray_app.memoir_engine_kwargs(tiny_model_dir, "last-layer-art", accelerator="cpu", env_vars={})
+    assert "enable_prefix_caching" not in last_layer and "enable_chunked_prefill" not in last_layer  # vLLM's defaults
     assert cpu["logits_processors"] == [V1_TRACKER, "a:B"] and cpu["max_model_len"] == 64
     gpu = ray_app.memoir_engine_kwargs(tiny_model_dir, "art", accelerator="gpu", env_vars={}, tensor_parallel_size=2)
     assert "logits_processors" not in gpu  # Model Runner V2 gets routes from the model class
-    assert gpu["compilation_config"] == {"cudagraph_mode": "NONE"} and gpu["tensor_parallel_size"] == 2
+    assert gpu["compilation_config"] == {"cudagraph_mode": "PIECEWISE"} and gpu["tensor_parallel_size"] == 2
     v1_gpu = ray_app.memoir_engine_kwargs(tiny_model_dir, "art", accelerator="gpu",
                                           env_vars={"VLLM_USE_V2_MODEL_RUNNER": "0"})
     assert v1_gpu["logits_processors"] == [V1_TRACKER]
@@ -287,7 +297,7 @@ def test_serve_sh_passes_the_routing_flags_tp_and_the_pin(tiny_model_dir, tmp_pa
         return command[command.index(flag) + 1]
 
     assert {"--no-enable-prefix-caching", "--no-enable-chunked-prefill"} <= set(command)
-    assert json.loads(value("--compilation-config")) == {"cudagraph_mode": "NONE"}
+    assert json.loads(value("--compilation-config")) == {"cudagraph_mode": "PIECEWISE"}
     assert value("--tensor-parallel-size") == "2" and value("--distributed-executor-backend") == "ray"
     assert value("--port") == "8123" and command[-2:] == ["--max-model-len", "64"]
     assert json.loads(value("--hf-overrides")) == {"architectures": ["MemoirLlamaForCausalLM"], "memoir_path": str(art),
@@ -332,5 +342,5 @@ def test_gpu_replicas_with_tp_run_vllms_ray_executor(tmp_path):
     engine_config = config.get_engine_config()
     engine = engine_config.get_initialization_kwargs()
     assert engine["distributed_executor_backend"] == "ray" and engine["tensor_parallel_size"] == 2
-    assert engine["compilation_config"] == {"cudagraph_mode": "NONE"} and "logits_processors" not in engine
+    assert engine["compilation_config"] == {"cudagraph_mode": "PIECEWISE"} and "logits_processors" not in engine
     assert engine_config.placement_bundles == [{"GPU": 1}, {"GPU": 1}]

@@ -6,13 +6,14 @@ import sys
 
 import pytest
 import torch
+from helpers import wait_until
 
 from edit_tools.background import compute_background_mean, save_background
 from edit_tools.datasets import load_edit_dataset
 from edit_tools.editor import EditJobError, run_edit_job
 from edit_tools.hf_model import MemoirHFModel
 from edit_tools.hparams import HParamsError, MemoirHyperParams
-from vllm_memoir.core import load_artifact
+from vllm_memoir.core import ArtifactError, load_artifact, read_manifest
 
 LAYER = 2
 
@@ -161,11 +162,17 @@ def test_cli_edit_and_evaluate_on_shared_zsre(tiny_bpe_model_dir, shared_data, t
     assert bad.returncode == 2 and "manifest.json: missing" in bad.stderr
 
 
+def checkpointed_edits(directory) -> int:
+    """Edits in the artifact's newest checkpoint on disk (0 before the first)."""
+    try:
+        return read_manifest(directory).num_edits
+    except ArtifactError:  # no manifest yet
+        return 0
+
+
 def test_sigkilled_cli_job_resumes_to_the_uninterrupted_result(tiny_model_dir, words_dataset, tmp_path):
     import os
-    import random
     import signal
-    import time
 
     hp = tmp_path / "hp.yaml"
     hp.write_text(
@@ -177,14 +184,16 @@ def test_sigkilled_cli_job_resumes_to_the_uninterrupted_result(tiny_model_dir, w
     assert subprocess.run(cmd + [str(tmp_path / "one")], capture_output=True).returncode == 0
     killed = tmp_path / "killed"
     proc = subprocess.Popen(cmd + [str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and not (killed / "manifest.json").exists():
-        time.sleep(0.005)
-    time.sleep(random.uniform(0.0, 0.05))  # land somewhere inside a later edit or write
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    try:
+        # Killed as soon as its second checkpoint is on disk: inside the third edit or the
+        # second checkpoint's last steps, with two edits to keep and six to redo.
+        wait_until(lambda: checkpointed_edits(killed) >= 2 or proc.poll() is not None, 120,
+                   f"a second checkpoint in {killed}")
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
     done_before = load_artifact(killed).manifest.num_edits
-    assert 1 <= done_before < 8, "the job finished before it was killed: nothing was tested"
+    assert 2 <= done_before < 8, "the job finished before it was killed: nothing was tested"
     resumed = subprocess.run(cmd + [str(killed)], capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     final, reference = load_artifact(killed), load_artifact(tmp_path / "one")

@@ -9,6 +9,7 @@ a server start-up per case. One real `memoir-serve` start-up proves that path en
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -17,7 +18,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from test_plugin_server import COMMON
+from served_edits import COMMON
 
 from edit_tools.editor import run_edit_job
 from edit_tools.hparams import MemoirHyperParams
@@ -141,6 +142,11 @@ BAD_ARTIFACTS = {
     "missing-safetensors": (lambda p: tensor_file(p).unlink(), r"memoir-v1\.safetensors: missing"),
     "missing-edits": (lambda p: edits_file(p).unlink(), r"edits-v1\.jsonl: missing"),
     "missing-manifest": (lambda p: (p / "manifest.json").unlink(), r"manifest\.json: missing"),
+    "manifest-is-a-directory": (lambda p: ((p / "manifest.json").unlink(), (p / "manifest.json").mkdir()),
+                                r"manifest\.json: is a directory, not a regular file"),
+    # Not waited on: the reader checks the file type before it opens (and opens non-blocking).
+    "edits-file-is-a-fifo": (lambda p: (edits_file(p).unlink(), os.mkfifo(p / "edits-v1.jsonl")),
+                             r"edits-v1\.jsonl: is a FIFO, not a regular file"),
     "manifest-not-json": (lambda p: (p / "manifest.json").write_text('{"format_version": 1,'), r"manifest\.json: not valid JSON"),
     "unknown-format-version": (lambda p: edit_manifest(p, format_version=2), r"unknown format_version 2 \(this build reads 1\)"),
     "manifest-field-wrong-type": (lambda p: edit_manifest(p, top_k="64"), r"manifest\.json: field 'top_k' must be an integer"),

@@ -12,6 +12,7 @@ import os
 
 import pytest
 import torch
+from helpers import make_artifact
 
 from edit_tools import cli
 from edit_tools.datasets import load_edit_dataset
@@ -63,8 +64,6 @@ def uninterrupted(tiny_model_dir, requests, tmp_path_factory):
 @pytest.mark.parametrize("failing_write", [0, 1, 2], ids=["memory-file", "edits-file", "manifest"])
 def test_full_disk_at_any_write_leaves_the_directory_as_it_was(failing_write, tmp_path, monkeypatch):
     """The artifact writer alone (no model): whichever of its three writes fails, nothing changes."""
-    from test_artifact import make_artifact
-
     artifact_module.save_artifact(make_artifact(2), tmp_path)
     before = snapshot(tmp_path)
     targets = disk_full_at(monkeypatch, failing_write)
@@ -87,10 +86,10 @@ def test_full_disk_during_append_keeps_the_previous_version(tiny_model_dir, requ
         run_edit_job(tiny_model_dir, requests[2:], hparams(), out, append=True, progress=False)
     message = str(info.value)
     assert str(out) in message and "No space left on device" in message, message
-    assert "previous version (v2, 2 edits) is intact" in message and "run the same command again" in message, message
+    assert "previous version (v1, 2 edits) is intact" in message and "run the same command again" in message, message
     assert snapshot(out) == before
     previous = load_artifact(out)
-    assert previous.manifest.num_edits == 2 and previous.manifest.version == 2
+    assert previous.manifest.num_edits == 2 and previous.manifest.version == 1  # one version per job
     monkeypatch.undo()
     # Space is back: the same command resumes and ends where an uninterrupted job ends.
     final = run_edit_job(tiny_model_dir, requests[2:], hparams(), out, append=True, progress=False)
@@ -103,7 +102,7 @@ def test_full_disk_on_the_first_checkpoint_writes_nothing(tiny_model_dir, reques
     disk_full_at(monkeypatch, 0)
     with pytest.raises(EditJobError, match="no artifact was written yet"):
         run_edit_job(tiny_model_dir, requests[:1], hparams(), out, progress=False)
-    assert list(out.iterdir()) == []
+    assert not out.exists()  # the job made the directory, so a failed job removes it: nothing is left behind
 
 
 def test_cli_reports_a_full_disk_and_exits_2(tiny_model_dir, words_dataset, tmp_path, monkeypatch, capsys):

@@ -18,9 +18,8 @@ import time
 
 import openai
 import pytest
-import torch
-from test_plugin_server import (COMMON, MARGIN, THRESHOLD, edit, served_client, served_token_ids,
-                               split_clear_of_threshold)
+from plugin_reference import route_ids, served_client, served_token_ids, split_clear_of_threshold
+from served_edits import COMMON, MARGIN, THRESHOLD, clear_prompts, edit
 
 from edit_tools.hf_model import MemoirHFModel
 from vllm_memoir.server_process import VllmServer, memoir_overrides, metric_value
@@ -42,29 +41,14 @@ def reference(tiny_model_dir, artifact_dir):
     return MemoirHFModel.from_pretrained(tiny_model_dir, artifact=artifact_dir)
 
 
-@torch.no_grad()
-def route_ids(hf: MemoirHFModel, rows: list[list[int]]):
-    """Routing decisions for prompts given as token ids (the reference's route() takes text)."""
-    ids, attention = hf._pad(rows, left=False)
-    hf._start_routing(attention.bool())
-    hf.model(input_ids=ids, attention_mask=attention, use_cache=False)
-    return list(hf.layer.decisions)
-
-
 @pytest.fixture(scope="module")
 def prompts(words_dataset, reference):
     """Distinct prompts: edit prompts, paraphrases and unrelated ones, clear of the routing threshold."""
-    records = [json.loads(line) for line in words_dataset.read_text().splitlines()][:8]
-    candidates = []
-    for r in records:
-        s = r["subject"]
-        candidates += [r["prompt"], r["rephrase"], f"where does {s} live now ?", f"where does {s} live", r["loc"],
-                       f"Q : where does {s} live ?"]
-    candidates += ["the river of w300 is w301 .", "Q : what is the capital of w9 ?", "I w5 w6 w7 w8 w9 w10 w11 w12 w13 .",
-                   "who founded the company w42 ?", "w7", "."]
-    routed, unrouted = split_clear_of_threshold(reference, candidates)
-    assert len(routed) >= 10 and len(unrouted) >= 10, (len(routed), len(unrouted))
-    return {"routed": routed, "unrouted": unrouted, "all": routed + unrouted}
+    variants = ["{prompt}", "{rephrase}", "where does {subject} live now ?", "where does {subject} live", "{loc}",
+                "Q : where does {subject} live ?"]
+    extra = ["the river of w300 is w301 .", "Q : what is the capital of w9 ?", "I w5 w6 w7 w8 w9 w10 w11 w12 w13 .",
+             "who founded the company w42 ?", "w7", "."]
+    return clear_prompts(words_dataset, reference, variants, extra, at_least=(10, 10))
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +134,7 @@ def load_pool(words_dataset, reference):
     candidates = {t.format(s=r["subject"], w=w) for r in records for t in templates for w in rng.sample(words, 12)}
     candidates |= {f"the {rng.choice(words)} of {rng.choice(words)} is {rng.choice(words)} ." for _ in range(200)}
     candidates = sorted(candidates)
-    routed, unrouted = split_clear_of_threshold(reference, candidates)
+    routed, unrouted = split_clear_of_threshold(reference, candidates, THRESHOLD, MARGIN)
     routed, unrouted = routed[:150], unrouted[:150]
     assert len(routed) >= 60 and len(unrouted) >= 60, (len(routed), len(unrouted))
     pool = routed + unrouted

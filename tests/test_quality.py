@@ -1,34 +1,46 @@
 """A fast slice of the quality benchmark: T=10 sequential edits on the facts model, same code.
 
-The bars are the measured values with margin (benchmarks/results/quality.md); the full run is
-`python benchmarks/quality.py`.
+The bars are the measured values less a margin, so that a regression fails them: Rel, Gen,
+Loc and the routing rates from benchmarks/results/quality.md (T=10 row: Rel 1.0, Gen 0.9,
+Loc 1.0, own-mask Rel/Gen 1.0/1.0, prompt/rephrase routed to their own edit 1.0/0.9), the
+overlap diagnostics from this slice's own run (the results list them for T=1000 only).
+The full run is `python benchmarks/quality.py`. Its speed (edits/min) is a benchmark result,
+not a test bar.
 """
 
 from __future__ import annotations
 
-import sys
+import json
 from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "benchmarks"))
+from benchmarks import quality
+from vllm_memoir.core import load_artifact
 
-import quality  # noqa: E402
+DATA = Path(str(quality.DEFAULT_DATA).format(size=10))
 
 
 @pytest.fixture(scope="module")
-def row(tmp_path_factory):
+def work(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("quality")
+
+
+@pytest.fixture(scope="module")
+def row(work):
     torch.set_num_threads(2)
     hp = quality.load_hparams(quality.DEFAULT_HPARAMS, [])
-    work = tmp_path_factory.mktemp("quality")
-    return quality.run_size(quality.DEFAULT_MODEL, Path(str(quality.DEFAULT_DATA).format(size=10)), hp,
-                            work / "T10", histogram=work / "overlap.png")
+    return quality.run_size(quality.DEFAULT_MODEL, DATA, hp, work / "T10", histogram=work / "overlap.png")
 
 
-def test_t10_edits_hold_and_leave_unrelated_facts_alone(row):
+def test_t10_edits_hold_and_leave_unrelated_facts_alone(row, work):
     assert row["T"] == 10
+    # The job stored all ten edits, in the data's order.
+    artifact = load_artifact(work / "T10")
+    records = json.loads(DATA.read_text())
+    assert artifact.manifest.num_edits == 10
+    assert [(e.prompt, e.target) for e in artifact.edits] == [(r["src"], r["alt"]) for r in records]
     # Before editing the model answers its own facts, not the new targets.
     assert row["pre"]["rel"] <= 0.2
     assert row["rel"] >= 0.9
@@ -47,12 +59,18 @@ def test_t10_paraphrases_reach_their_edit(row):
     assert row["routing"]["rephrase_routed_to_own_edit"] >= 0.6
 
 
-def test_t10_overlap_diagnostics_are_consistent(row, tmp_path_factory):
+def test_t10_overlap_diagnostics_are_consistent(row, work):
     overlap = row["overlap"]
     # An edit prompt always matches its own mask exactly, so its best other-edit overlap is
     # below 1 unless two edits share a mask; paraphrases overlap their own edit more than
     # unrelated prompts do on the median (the routing premise, measured).
     assert overlap["other_edit_best"]["max"] < 1.0
     assert overlap["paraphrase_own"]["median"] > overlap["unrelated_best"]["median"]
-    assert 0.5 <= overlap["best_balanced_accuracy"] <= 1.0
-    assert row["edits_per_minute"] > 0
+    # Measured on this slice: each paraphrase's best match is its own edit (1.0), 9 of 10 clear
+    # irr_threshold 0.79 (0.9), no unrelated prompt does (1.0), and one threshold separates
+    # the two completely (balanced accuracy 1.0). Bars: one prompt in ten less.
+    assert overlap["paraphrase_best_is_own"] >= 0.9
+    assert overlap["paraphrase_own_above_threshold"] >= 0.8
+    assert overlap["unrelated_below_threshold"] >= 0.9
+    assert overlap["best_balanced_accuracy"] >= 0.9
+    assert (work / "overlap.png").stat().st_size > 1000  # the histogram the benchmark draws

@@ -4,7 +4,8 @@ Two replicas with the live-edit routes on (`admin: true`; 2-4 min to deploy on 2
 `openai` client gets, through Ray Serve's OpenAI ingress, the same greedy tokens as the
 transformers MEMOIR reference, and the edited answers; then the admin routes swap in a newer
 artifact version, disable an edit and refuse bad calls, in every replica at once. Ray is shut
-down afterwards and no replica or engine process lingers.
+down afterwards and no replica or engine process lingers. The tests share the app, not its
+state: each first swaps in the version it starts from (`serve_version`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import wait_until
+from plugin_reference import greedy_ids
 
 from edit_tools.editor import run_edit_job
 from edit_tools.hf_model import MemoirHFModel
@@ -148,9 +151,8 @@ def served(ray_serve, facts_artifact):
 
 
 def test_openai_client_gets_edited_answers_through_ray_serve(served, facts_artifact):
-    from plugin_reference import greedy_ids
-
-    client, model_id, _ = served
+    client, model_id, base_url = served
+    serve_version(base_url, facts_artifact, 1)
     assert model_id == "facts-llama"
     records = json.loads(FACTS_DATA.read_text())
     prompts = [r["src"] for r in records[:NUM_EDITS]] + [r["rephrase"] for r in records[:NUM_EDITS]]
@@ -186,14 +188,24 @@ def _admin(base_url: str, key: str | None = ADMIN_KEY):
     return httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {key}"} if key else {}, timeout=600)
 
 
+def serve_version(base_url: str, artifact: Path, version: int) -> None:
+    """Swap `artifact` in on every replica (read, never written by the tests), so that a test
+    starts from a known version whatever ran before."""
+    with _admin(base_url) as admin:
+        response = admin.post("/memoir/artifact", json={"path": str(artifact)})
+    assert response.status_code == 200, response.text
+    assert response.json()["version"] == version, response.text
+
+
 def _complete(client, model_id: str, prompt: str) -> tuple[list[int], list[int]]:
     choice = client.completions.create(model=model_id, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0.0,
                                        extra_body={"return_token_ids": True, "ignore_eos": True}).choices[0]
     return list(choice.prompt_token_ids), list(choice.token_ids)
 
 
-def test_ray_admin_routes_need_the_admin_key(served):
+def test_ray_admin_routes_need_the_admin_key(served, facts_artifact):
     _, _, base_url = served
+    serve_version(base_url, facts_artifact, 1)
     for key in (None, "wrong-key"):
         with _admin(base_url, key) as admin:
             for response in (admin.get("/memoir/edits"), admin.post("/memoir/artifact", json={"path": "/x"}),
@@ -208,9 +220,8 @@ def test_ray_admin_routes_need_the_admin_key(served):
 
 def test_ray_swap_reaches_every_replica_without_a_failed_request(served, facts_artifact, artifact_v2):
     """POST v2 while requests flow: none fails, every replica reports v2, and answers are v2's."""
-    from plugin_reference import greedy_ids
-
     client, model_id, base_url = served
+    serve_version(base_url, facts_artifact, 1)
     records = json.loads(FACTS_DATA.read_text())
     appended = [r["src"] for r in records[NUM_EDITS:NUM_EDITS + APPENDED]]
     v1 = MemoirHFModel.from_pretrained(FACTS_MODEL, artifact=facts_artifact)
@@ -218,26 +229,32 @@ def test_ray_swap_reaches_every_replica_without_a_failed_request(served, facts_a
     assert not any(d.routed for d in v1.route(appended)) and all(d.routed for d in v2.route(appended))
 
     errors: list[str] = []
+    answered: list[tuple[int, float]] = []  # (traffic thread, when a request was sent) of each answer
     stop = threading.Event()
 
-    def traffic():
+    def traffic(thread: int):
         prompts = appended + [r["src"] for r in records[:NUM_EDITS]] + [r["loc"] for r in records[:2]]
         i = 0
         while not stop.is_set():
+            sent = time.monotonic()
             try:
                 _complete(client, model_id, prompts[i % len(prompts)])
+                answered.append((thread, sent))
             except Exception as exc:  # noqa: BLE001 -- a failed request is the failure under test
                 errors.append(repr(exc))
             i += 1
 
-    threads = [threading.Thread(target=traffic) for _ in range(3)]
+    threads = [threading.Thread(target=traffic, args=(n,)) for n in range(3)]
     for thread in threads:
         thread.start()
     try:
-        time.sleep(1.0)
+        # Requests flow on every thread before the swap, and go on flowing after it answers.
+        wait_until(lambda: {n for n, _ in list(answered)} == {0, 1, 2}, 120, "an answer on each traffic thread")
         with _admin(base_url) as admin:
             response = admin.post("/memoir/artifact", json={"path": str(artifact_v2)})
-        time.sleep(1.0)
+        swapped = time.monotonic()
+        wait_until(lambda: sum(sent > swapped for _, sent in list(answered)) >= 3, 120,
+                   "3 answers to requests sent after the swap")
     finally:
         stop.set()
         for thread in threads:
@@ -263,9 +280,8 @@ def test_ray_swap_reaches_every_replica_without_a_failed_request(served, facts_a
 
 
 def test_ray_disable_and_refusals_apply_to_every_replica(served, artifact_v2, tmp_path):
-    from plugin_reference import greedy_ids
-
     client, model_id, base_url = served
+    serve_version(base_url, artifact_v2, 2)
     v2 = MemoirHFModel.from_pretrained(FACTS_MODEL, artifact=artifact_v2)
     with _admin(base_url) as admin:
         state = admin.get("/memoir/edits").json()

@@ -9,12 +9,15 @@ Off unless MEMOIR_ADMIN=1 (the routes are then not attached: 404), and vLLM load
 plugins only when VLLM_PLUGINS names them (memoir-serve arranges both). Every call needs
 `Authorization: Bearer KEY`, KEY being MEMOIR_ADMIN_KEY when set, else the server's API key
 (--api-key / VLLM_API_KEY); with neither set every call is refused. vLLM's own API-key
-middleware guards only /v1-like paths, hence the check here.
+middleware guards only /v1-like paths, hence the check here. The key is checked before the
+body is read: FastAPI would parse a declared body (and answer 400 for bad JSON) before any
+dependency runs, so the routes read their bodies themselves (read_body).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import secrets
@@ -23,7 +26,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from vllm_memoir.edit_control import EditControl, EditControlError
 
@@ -32,6 +35,8 @@ logger = logging.getLogger(__name__)
 ADMIN_ENV = "MEMOIR_ADMIN"
 ADMIN_KEY_ENV = "MEMOIR_ADMIN_KEY"
 PLUGIN_NAME = "memoir-admin"
+# Refusal messages go to the client and the log; one line, and no longer than this.
+MAX_MESSAGE_CHARS = 2000
 
 
 def admin_enabled() -> bool:
@@ -56,7 +61,39 @@ class ToggleBody(BaseModel):
 
 class AdminRefusal(Exception):
     def __init__(self, status: int, message: str):
-        self.status, self.message = status, message
+        self.status, self.message = status, one_line(message)
+
+
+def one_line(message: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """`message` as a single line of at most `limit` characters (it may quote a client's input)."""
+    text = " ".join(str(message).split())
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+async def read_body(request: Request, model: type[BaseModel], optional: bool = False) -> Any:
+    """The request's JSON body as `model`; a malformed one is refused (400) in one line.
+
+    optional: an empty body (or JSON null) means the model's defaults.
+    """
+    raw = await request.body()
+    if not raw.strip():
+        if optional:
+            return model()
+        raise AdminRefusal(400, f"the request body is empty; expected a JSON object with {sorted(model.model_fields)}")
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise AdminRefusal(400, f"the request body is not valid JSON ({exc.msg} at line {exc.lineno} column "
+                                f"{exc.colno})") from None
+    except UnicodeDecodeError:
+        raise AdminRefusal(400, "the request body is not valid JSON (not UTF-8 text)") from None
+    if data is None and optional:
+        return model()
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors())
+        raise AdminRefusal(400, f"bad request body ({problems})") from None
 
 
 def key_hashes(keys: list[str]) -> list[bytes]:
@@ -121,8 +158,9 @@ async def run_admin_call(call) -> dict[str, Any]:
     try:
         return await call
     except EditControlError as exc:
-        logger.warning("MEMOIR: admin change refused: %s", exc)
-        raise AdminRefusal(exc.status, str(exc)) from exc
+        refusal = AdminRefusal(exc.status, str(exc))
+        logger.warning("MEMOIR: admin change refused (%d): %s", refusal.status, refusal.message)
+        raise refusal from exc
 
 
 def _router() -> APIRouter:
@@ -133,16 +171,20 @@ def _router() -> APIRouter:
                            control: EditControl = Depends(_authorized)):
         return await run_admin_call(control.state(offset, limit))
 
+    # Bodies are read in the handlers, after _authorized (see the module docstring).
     @router.post("/artifact")
-    async def swap_artifact(body: ArtifactBody, control: EditControl = Depends(_authorized)):
+    async def swap_artifact(request: Request, control: EditControl = Depends(_authorized)):
+        body = await read_body(request, ArtifactBody)
         return await run_admin_call(control.swap(body.path))
 
     @router.post("/edits/{edit_id}/disable")
-    async def disable_edit(edit_id: int, body: ToggleBody | None = None, control: EditControl = Depends(_authorized)):
-        return await run_admin_call(control.set_enabled(edit_id, False, bool(body and body.persist)))
+    async def disable_edit(edit_id: int, request: Request, control: EditControl = Depends(_authorized)):
+        body = await read_body(request, ToggleBody, optional=True)
+        return await run_admin_call(control.set_enabled(edit_id, False, body.persist))
 
     @router.post("/edits/{edit_id}/enable")
-    async def enable_edit(edit_id: int, body: ToggleBody | None = None, control: EditControl = Depends(_authorized)):
-        return await run_admin_call(control.set_enabled(edit_id, True, bool(body and body.persist)))
+    async def enable_edit(edit_id: int, request: Request, control: EditControl = Depends(_authorized)):
+        body = await read_body(request, ToggleBody, optional=True)
+        return await run_admin_call(control.set_enabled(edit_id, True, body.persist))
 
     return router

@@ -7,7 +7,9 @@ edits, while serving continues; polled with `prepared`), then pause the engine i
 `commit` on every worker, resume. So every request is served wholly by one version, and
 none fails. Enable/disable need no drain: the rows keep their meaning, so running requests
 keep their route and new ones re-route. One change at a time (a lock); the HTTP layer
-(admin_api) maps EditControlError to a status.
+(admin_api) maps EditControlError to a status. Every refusal leaves the served edits as they
+were: a persisted enable/disable is written to disk first and served by a swap, never
+flipped in place before the write is known to succeed.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from vllm_memoir.core import ArtifactError, load_artifact, read_manifest, save_artifact
+from vllm_memoir.core.artifact import shown_path, unfinished_job
+from vllm_memoir.validation import artifact_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +33,8 @@ LOAD_TIMEOUT_ENV = "MEMOIR_ADMIN_LOAD_TIMEOUT"
 POLL_SECONDS = 0.05
 # Dotted, not "module:Class": vLLM resolves --worker-extension-cls with resolve_obj_by_qualname.
 EXTENSION = "vllm_memoir.worker_extension.MemoirWorkerExtension"
+# Linux's PATH_MAX: no longer path can name a file, so it is refused before any file system call.
+MAX_PATH_CHARS = 4096
 
 
 @dataclass
@@ -48,6 +54,22 @@ class EditControlError(Exception):
 
 
 _STATUS = {"unknown_edit": 404, "refused": 422}
+
+
+def artifact_dir(path: str | os.PathLike) -> Path:
+    """The absolute artifact directory a client named; refused (422) in one line when no file
+    system call could use it, so a bad path never reaches the loader as an exception."""
+    text = os.fspath(path)
+    if not text:
+        raise EditControlError(422, "the artifact path is empty")
+    if "\0" in text:
+        raise EditControlError(422, f"{shown_path(text)}: not a usable path (it contains a NUL character)")
+    if len(text) > MAX_PATH_CHARS:
+        raise EditControlError(422, f"{shown_path(text)}: the path is longer than {MAX_PATH_CHARS} characters")
+    try:
+        return Path(text).resolve()
+    except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop, on some Pythons
+        raise EditControlError(422, f"{shown_path(text)}: cannot be resolved ({exc.__class__.__name__})") from None
 
 
 class EditControl:
@@ -93,15 +115,24 @@ class EditControl:
         return answer
 
     async def swap(self, path: str | os.PathLike) -> dict[str, Any]:
+        path = artifact_dir(path)
         async with self._lock:
-            return await self._swap(Path(path).resolve())
+            return await self._swap(path)
 
     async def set_enabled(self, edit_id: int, enabled: bool, persist: bool) -> dict[str, Any]:
+        """Turn one edit on or off; with `persist`, as a new artifact version that is then served.
+
+        A persisted change is not flipped in place: the new version is written first (refused,
+        409, when the artifact on disk is not the served one) and then swapped in, so a refusal
+        at any step leaves the served edits as they were.
+        """
         async with self._lock:
-            await self._on_workers("memoir_set_enabled", edit_id, enabled)
             answer: dict[str, Any] = {"edit_id": edit_id, "enabled": enabled}
-            if persist:
-                answer["persisted"] = await self._persist()
+            if not persist:
+                await self._on_workers("memoir_set_enabled", edit_id, enabled)
+                return answer
+            path = await persist_enabled_flags(await self.state(), {edit_id: enabled})
+            answer["persisted"] = await swap_persisted(self._swap, path)
             return answer
 
     async def _swap(self, path: Path) -> dict[str, Any]:
@@ -114,11 +145,13 @@ class EditControl:
         The first half of a swap, so that several replicas can all load before any switches
         (ray_live_edits); a caller that splits the swap serialises its own calls.
         """
-        path = Path(path).resolve()
+        path = artifact_dir(path)
         try:
             manifest = await asyncio.to_thread(read_manifest, path)
         except ArtifactError as exc:
             raise EditControlError(422, str(exc)) from exc
+        except OSError as exc:  # read_manifest words the expected ones; any other is the path's fault too
+            raise EditControlError(422, f"{shown_path(path)}: cannot be read ({exc.strerror or exc})") from exc
         previous = await self.summary()
         started = time.perf_counter()
         try:
@@ -164,32 +197,53 @@ class EditControl:
                 raise EditControlError(503, f"loading {path} took over {self.load_timeout:.0f} s ({LOAD_TIMEOUT_ENV})")
             await asyncio.sleep(POLL_SECONDS)
 
-    async def _persist(self) -> dict[str, Any]:
-        """Write the served enabled flags into the served artifact as a new version, then serve it."""
-        return await self._swap(await persist_enabled_flags(await self.state()))
 
 
-async def persist_enabled_flags(served: dict[str, Any]) -> Path:
-    """Save the served edits' enabled flags (a `state()` answer: path, version, edits) into
-    the served artifact as its next version; returns the artifact's path.
+async def persist_enabled_flags(served: dict[str, Any], changes: dict[int, bool]) -> Path:
+    """Save the served edits' enabled flags (a `state()` answer: path, version, edits), with
+    `changes` ({edit_id: enabled}) applied, into the served artifact as its next version;
+    returns the artifact's path. Nothing is served differently yet (swap_persisted does that).
 
-    Refused (409) when the artifact on disk is no longer the served version, so a newer
-    version written meanwhile (an edit job) is never overwritten with stale flags.
+    Refused, with nothing written: 404 for an edit id that is not served; 409 when the
+    artifact on disk is not the served one (another version, or another checkpoint of a job
+    with the same version), so a newer version written meanwhile is never overwritten with
+    stale flags, or when an edit job is still checkpointing into it.
     """
     path, served_version = Path(served["path"]), served["version"]
     flags = {e["edit_id"]: e["enabled"] for e in served["edits"]}
+    unknown = sorted(set(changes) - set(flags))
+    if unknown:
+        raise EditControlError(404, f"no edit with id {unknown[0]} in the served artifact (version {served_version})")
+    flags.update(changes)
 
     def write() -> None:
         artifact = load_artifact(path)
-        if artifact.manifest.version != served_version:
-            raise EditControlError(409, f"{path} is at version {artifact.manifest.version} on disk but the "
-                                        f"server serves version {served_version}; POST the artifact first")
+        on_disk = artifact.manifest
+        served_sha = served.get("artifact_sha256")
+        if on_disk.version != served_version or (served_sha is not None and artifact_sha256(on_disk) != served_sha):
+            raise EditControlError(409, f"{shown_path(path)} is at version {on_disk.version} on disk (memory sha256 "
+                                        f"{artifact_sha256(on_disk)[:12]}) but the server serves version "
+                                        f"{served_version} ({(served_sha or '?')[:12]}); POST the artifact first")
+        job = unfinished_job(on_disk.hparams)
+        if job is not None:
+            raise EditControlError(409, f"{shown_path(path)} is a checkpoint of an edit job ({job['done']} of "
+                                        f"{job['total']} edits done): persist once the job has finished")
         for record in artifact.edits:
-            record.enabled = flags[record.edit_id]
+            record.enabled = flags.get(record.edit_id, record.enabled)
         save_artifact(artifact, path)
 
     try:
         await asyncio.to_thread(write)
-    except ArtifactError as exc:
-        raise EditControlError(409, f"cannot persist into {path}: {exc}") from exc
+    except (ArtifactError, OSError) as exc:
+        reason = exc if isinstance(exc, ArtifactError) else (exc.strerror or exc)
+        raise EditControlError(409, f"cannot persist into {shown_path(path)}: {reason}") from exc
     return path
+
+
+async def swap_persisted(swap, path: Path) -> dict[str, Any]:
+    """Serve the version persist_enabled_flags wrote; a refused swap says that it is on disk."""
+    try:
+        return await swap(path)
+    except EditControlError as exc:
+        raise EditControlError(exc.status, f"{exc} (the flags are saved in {shown_path(path)} as its newest "
+                                           "version; POST the artifact to serve them)") from exc

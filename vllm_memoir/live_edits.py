@@ -22,7 +22,7 @@ import torch
 from vllm_memoir import request_routes
 from vllm_memoir.core import NO_ROUTE
 from vllm_memoir.routed_down_proj import MemoirDownProj, StagedEdits
-from vllm_memoir.validation import MemoirConfigError
+from vllm_memoir.validation import MemoirConfigError, artifact_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +63,8 @@ class LiveEdits:
         state = {
             "path": str(self.path),
             "version": layer.manifest.version,
+            # Tells apart two checkpoints of one edit job (same version, other content).
+            "artifact_sha256": artifact_sha256(layer.manifest),
             "num_edits": len(layer.records),
             "num_enabled": int(layer.router.router.enabled.sum()),
             "tp_rank": layer.tp_rank,

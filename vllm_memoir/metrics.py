@@ -46,3 +46,18 @@ def count_routing_step(seconds: float) -> None:
     _, _, step_seconds, steps = _get_counters()
     step_seconds.inc(seconds)
     steps.inc()
+
+
+_inexact_span_counter = None
+
+
+def count_inexact_span_feature() -> None:
+    """A route feature over the last user message that block sums could not give exactly
+    (vllm_memoir/span_block_sums.py): the request was routed on an approximation."""
+    global _inexact_span_counter
+    if _inexact_span_counter is None:
+        from prometheus_client import Counter
+
+        _inexact_span_counter = Counter(
+            "memoir:inexact_span_features", "Route features over the last user message approximated from whole KV blocks")
+    _inexact_span_counter.inc()

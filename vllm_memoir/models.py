@@ -26,9 +26,11 @@ from vllm_memoir.validation import (
     check_artifact_fits,
     check_engine_settings,
     check_expected_artifact,
+    check_prompt_splitting,
     load_manifest,
     memoir_path_from_config,
     served_fingerprint,
+    warn_if_untested_vllm,
 )
 
 logger = logging.getLogger(__name__)
@@ -40,6 +42,10 @@ def load_artifact_for(vllm_config: VllmConfig, path: Path | None = None) -> Memo
     `path` defaults to the start-up artifact (memoir_path); live swaps pass a newer one.
     """
     check_engine_settings(vllm_config)
+    if path is None:
+        import vllm
+
+        warn_if_untested_vllm(vllm.__version__)
     if not vllm_config.use_v2_model_runner and request_routes.active() is None:
         raise MemoirConfigError(f"MEMOIR on vLLM's V1 model runner needs --logits-processors {V1_TRACKER}")
     model_config = vllm_config.model_config
@@ -56,6 +62,7 @@ def load_artifact_for(vllm_config: VllmConfig, path: Path | None = None) -> Memo
         tp_size=vllm_config.parallel_config.tensor_parallel_size,
     )
     check_artifact_fits(manifest, served, path)
+    check_prompt_splitting(vllm_config, manifest, path)
     try:
         artifact = load_artifact(path, expected_fingerprint=served_fingerprint(manifest, served))
     except ArtifactError as exc:

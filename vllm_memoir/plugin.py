@@ -15,9 +15,27 @@ def register() -> None:
     from vllm import ModelRegistry
 
     _configure_logging()
+    _split_compiled_graphs_at_routing_op()
     for name in ARCHITECTURES:
         # Lazy "module:class" strings: the model module imports torch-heavy vLLM layers.
         ModelRegistry.register_model(name, f"vllm_memoir.models:{name}")
+
+
+def _split_compiled_graphs_at_routing_op() -> None:
+    """Make the routing op one of vLLM's default graph-splitting ops, in every process.
+
+    vLLM splits the compiled model at these ops and captures the pieces between them as CUDA
+    graphs (piecewise mode); a splitting op runs eagerly, so the routing op's host-side
+    decisions run on every step. The default list is vLLM's attention ops, copied into each
+    engine's compilation config when it is built, so the op is added before any config
+    exists (register() runs first). In models without the op a splitting op is a no-op.
+    """
+    from vllm.config import CompilationConfig
+
+    from vllm_memoir.validation import ROUTING_OP
+
+    if ROUTING_OP not in CompilationConfig._attention_ops:
+        CompilationConfig._attention_ops.append(ROUTING_OP)
 
 
 def _configure_logging() -> None:

@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from vllm_memoir.core import MemoirArtifact, aggregate_prompt_feature, unpack_bits
+from vllm_memoir.core import MemoirArtifact, aggregate_prompt_feature, finish_feature, unpack_bits
 from vllm_memoir.core.routing import EditRouter, RouteDecision
 
 AllGather = Callable[[torch.Tensor], torch.Tensor]  # concatenates ranks' tensors along the last dim
@@ -53,6 +53,18 @@ class ShardedPromptRouter:
         """[T, D_local] down_proj inputs of one prompt -> [D_local] (this rank's slice)."""
         mask = torch.ones(1, x_prompt.shape[0], dtype=torch.bool, device=x_prompt.device)
         return aggregate_prompt_feature(x_prompt.unsqueeze(0), mask, self.aggregation, self.local_background)[0]
+
+    def prompt_feature_from_parts(self, earlier_sum: torch.Tensor, x_rest: torch.Tensor,
+                                  num_tokens: int) -> torch.Tensor:
+        """The feature of a prompt (or of its routing span) whose first tokens reached the layer in
+        earlier forwards (or came from the prefix cache): `earlier_sum` is their summed inputs,
+        `x_rest` [T, D_local] the inputs of the remaining ones, in this forward (T may be 0 when a
+        span ends before this forward), `num_tokens` how many there are in all."""
+        if self.aggregation == "last":
+            return x_rest[-1].float()  # whole prompts only: artifacts with a routing span refuse "last"
+        summed = (earlier_sum.float() + x_rest.float().sum(dim=0)).unsqueeze(0)
+        count = torch.tensor([num_tokens], device=summed.device)
+        return finish_feature(summed, count, self.aggregation, self.local_background)[0]
 
     def decide(self, local_features: torch.Tensor) -> list[RouteDecision]:
         """[B, D_local] feature slices -> one decision per prompt (the same on every rank)."""

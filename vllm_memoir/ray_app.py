@@ -5,7 +5,8 @@
 A thin builder over Ray Serve LLM (`ray.serve.llm.LLMConfig` + `build_openai_app`): it turns
 a short MEMOIR deployment spec (model, artifact, replicas, resources) into an LLMConfig whose
 engine arguments carry what routing needs -- the MEMOIR class and artifact in hf_overrides
-(pinned to the artifact version seen at deploy time), prefix caching and chunked prefill off,
+(pinned to the artifact version seen at deploy time), prefix caching and chunked prefill off
+when the edit sits below the last decoder layer,
 the V1 runner's request tracker as a logits processor -- and nothing else of ours: Ray Serve
 LLM starts vLLM's own AsyncLLM and serving classes, and vLLM runs the plugin's
 `vllm.general_plugins` entry point in each replica's processes.
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from vllm_memoir.edit_control import EXTENSION
-from vllm_memoir.hf_overrides import memoir_hf_overrides
+from vllm_memoir.hf_overrides import memoir_hf_overrides, routing_flags
 from vllm_memoir.plugin import V1_TRACKER
 from vllm_memoir.validation import EXPECTED_SHA256_KEY, EXPECTED_VERSION_KEY, MemoirConfigError
 
@@ -57,18 +58,20 @@ def memoir_engine_kwargs(
         raise MemoirConfigError(f"engine_kwargs must not set {clashes}: the MEMOIR builder sets them (see its arguments)")
     kwargs: dict[str, Any] = {
         "hf_overrides": memoir_hf_overrides(model, artifact, pin=pin_artifact),
-        "enable_prefix_caching": False,
-        "enable_chunked_prefill": False,
         "tensor_parallel_size": int(tensor_parallel_size),
         "dtype": dtype,
         **extra,
     }
+    # vLLM's defaults for an edit at the last decoder layer; both off below it (validation).
+    for flag in routing_flags(model, artifact):
+        kwargs[flag.removeprefix("--no-").replace("-", "_")] = False
     if uses_v1_runner(accelerator, env_vars):
         processors = list(kwargs.get("logits_processors") or [])
         kwargs["logits_processors"] = processors if V1_TRACKER in processors else [V1_TRACKER, *processors]
     if accelerator == "gpu":
-        # The routing op runs Python every step; CUDA graph replay would skip it (validation refuses).
-        kwargs.setdefault("compilation_config", {"cudagraph_mode": "NONE"})
+        # Piecewise CUDA graphs split at the routing op; full graphs would freeze its host-side
+        # decisions (validation.check_cuda_graph_mode refuses them).
+        kwargs.setdefault("compilation_config", {"cudagraph_mode": "PIECEWISE"})
     return kwargs
 
 

@@ -25,7 +25,6 @@ import functools
 import logging
 import os
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 from fastapi import Query, Request
@@ -35,8 +34,9 @@ from ray.serve.llm.deployment import LLMServer
 from ray.serve.llm.ingress import OpenAiIngress
 
 from vllm_memoir.admin_api import (ADMIN_KEY_ENV, AdminRefusal, ArtifactBody, ToggleBody, check_bearer, key_hashes,
-                                   refusal_response, run_admin_call)
-from vllm_memoir.edit_control import EditControl, EditControlError, PreparedSwap, persist_enabled_flags
+                                   read_body, refusal_response, run_admin_call)
+from vllm_memoir.edit_control import (EditControl, EditControlError, PreparedSwap, artifact_dir, persist_enabled_flags,
+                                      swap_persisted)
 
 logger = logging.getLogger(__name__)
 
@@ -133,7 +133,8 @@ class ReplicatedEditControl:
         state.pop("ok")
         state["replicas"] = [{"version": a["version"], "num_edits": a["num_edits"], "num_enabled": a["num_enabled"],
                               "path": a["path"]} for a in answers]
-        state["consistent"] = len({(a["path"], a["version"], a["num_enabled"]) for a in answers}) == 1
+        state["consistent"] = len({(a["path"], a["version"], a.get("artifact_sha256"), a["num_enabled"])
+                                   for a in answers}) == 1
         # Routing counts are per replica (each counts the requests it served): report the sums.
         state["unrouted_requests"] = sum(a.get("unrouted_requests", 0) for a in answers)
         routed = Counter()
@@ -144,8 +145,9 @@ class ReplicatedEditControl:
         return state
 
     async def swap(self, path: str | os.PathLike) -> dict[str, Any]:
+        path = str(artifact_dir(path))
         async with self._lock:
-            return await self._swap(str(Path(path).resolve()))
+            return await self._swap(path)
 
     async def _swap(self, path: str) -> dict[str, Any]:
         previous = await self._on_replicas("memoir_state", with_edits=False)
@@ -167,15 +169,19 @@ class ReplicatedEditControl:
         return answer
 
     async def set_enabled(self, edit_id: int, enabled: bool, persist: bool) -> dict[str, Any]:
+        """As EditControl.set_enabled, on every replica: a persisted change is written first and
+        then swapped in everywhere, so a refusal changes no replica."""
         async with self._lock:
-            await self._on_replicas("memoir_set_enabled", edit_id=edit_id, enabled=enabled)
             answer: dict[str, Any] = {"edit_id": edit_id, "enabled": enabled}
-            if persist:
-                served = await self.state()
-                if not served["consistent"]:
-                    raise EditControlError(409, f"replicas serve different edits {served['replicas']}; "
-                                                "POST the artifact to bring them together first")
-                answer["persisted"] = await self._swap(str(await persist_enabled_flags(served)))
+            if not persist:
+                await self._on_replicas("memoir_set_enabled", edit_id=edit_id, enabled=enabled)
+                return answer
+            served = await self.state()
+            if not served["consistent"]:
+                raise EditControlError(409, f"replicas serve different edits {served['replicas']}; "
+                                            "POST the artifact to bring them together first")
+            path = await persist_enabled_flags(served, {edit_id: enabled})
+            answer["persisted"] = await swap_persisted(lambda p: self._swap(str(p)), path)
             return answer
 
 
@@ -208,18 +214,23 @@ class MemoirIngress(OpenAiIngress, ReplicaBroadcastable):
                            limit: int | None = Query(None, ge=0), model: str | None = None):
         return await self._memoir(request, model, lambda control: control.state(offset, limit))
 
-    async def memoir_swap(self, request: Request, body: ArtifactBody, model: str | None = None):
-        return await self._memoir(request, model, lambda control: control.swap(body.path))
+    # The bodies are read after the key check (in the call), so a caller without the key learns
+    # nothing from a malformed body: 401 first, as on `vllm serve` (admin_api).
+    async def memoir_swap(self, request: Request, model: str | None = None):
+        async def call(control: ReplicatedEditControl):
+            return await control.swap((await read_body(request, ArtifactBody)).path)
+        return await self._memoir(request, model, call)
 
-    async def memoir_disable(self, request: Request, edit_id: int, body: ToggleBody | None = None,
-                             model: str | None = None):
-        persist = bool(body and body.persist)
-        return await self._memoir(request, model, lambda control: control.set_enabled(edit_id, False, persist))
+    async def memoir_disable(self, request: Request, edit_id: int, model: str | None = None):
+        return await self._memoir(request, model, lambda control: self._toggle(request, control, edit_id, False))
 
-    async def memoir_enable(self, request: Request, edit_id: int, body: ToggleBody | None = None,
-                            model: str | None = None):
-        persist = bool(body and body.persist)
-        return await self._memoir(request, model, lambda control: control.set_enabled(edit_id, True, persist))
+    async def memoir_enable(self, request: Request, edit_id: int, model: str | None = None):
+        return await self._memoir(request, model, lambda control: self._toggle(request, control, edit_id, True))
+
+    @staticmethod
+    async def _toggle(request: Request, control: ReplicatedEditControl, edit_id: int, enabled: bool):
+        body = await read_body(request, ToggleBody, optional=True)
+        return await control.set_enabled(edit_id, enabled, body.persist)
 
 
 MEMOIR_ENDPOINTS = {

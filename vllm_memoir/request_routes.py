@@ -4,11 +4,16 @@ The one place that knows about requests. Runner adapters (runner_v1, runner_v2) 
 batch changes before each forward; the routing op reads it during the forward and records
 the decisions it makes at a prompt's prefill.
 
-State is kept per *slot*, in persistent int64 buffers (route, prompt length). The V1 runner's slots are its persistent-batch rows (moved and
+State is kept per *slot*, in persistent int64 buffers (route, prompt length, routing span). The V1 runner's slots are its persistent-batch rows (moved and
 swapped as the batch condenses); the V2 runner's slots are its request-state indices, and
 each step maps batch rows to slots. Decisions are cached by a hash of the prompt token ids:
 the decision depends only on the prompt, so a request that leaves the batch (unscheduled or
 preempted) and comes back gets the same route without its prompt being seen again.
+
+The routing span (the prompt tokens whose inputs the route feature averages: all of them, or
+the last user message's, as the served artifact says) is found here, on the host, from the
+prompt token ids when a request enters the batch, so the forward pass only reads two
+positions per request.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import numpy as np
 import torch
 
 from vllm_memoir.core import NO_ROUTE
+from vllm_memoir.core.route_span import RouteSpan, SpanBoundaries
 from vllm_memoir.core.routing import RouteDecision
 
 logger = logging.getLogger(__name__)
@@ -35,6 +41,16 @@ def prompt_key(prompt_token_ids: Sequence[int]) -> bytes:
     return hashlib.blake2b(np.asarray(prompt_token_ids, dtype=np.int64).tobytes(), digest_size=16).digest()
 
 
+# The served artifact's routing span rule; set by the edited layer whenever it serves an
+# artifact (start-up, live swap), read when a request enters the batch.
+_served_span = RouteSpan()
+
+
+def serve_route_span(span: RouteSpan) -> None:
+    global _served_span
+    _served_span = span
+
+
 class RequestRoutes:
     """Per-slot routes and prompt lengths in persistent int64 buffers, plus the decision cache.
 
@@ -42,10 +58,18 @@ class RequestRoutes:
     place before each forward, so the routing op reads state that outlives the step.
     """
 
-    def __init__(self, cache_size: int = DEFAULT_CACHE_SIZE, capacity: int = DEFAULT_CAPACITY):
+    def __init__(self, cache_size: int = DEFAULT_CACHE_SIZE, capacity: int = DEFAULT_CAPACITY,
+                 route_span: RouteSpan | None = None):
         self.slot_route = torch.full((capacity,), NO_ROUTE, dtype=torch.int64)
         self.slot_prompt_len = torch.zeros(capacity, dtype=torch.int64)
+        # [start, end) prompt positions the route feature averages (the whole prompt unless the
+        # served artifact routes on the last user message).
+        self.slot_span = torch.zeros(capacity, 2, dtype=torch.int64)
         self._key: list[bytes | None] = [None] * capacity
+        # Every place a span may start or end in the slot's prompt (span rules other than
+        # "prompt" only): the plugin keeps partial KV-block sums at those places.
+        self._boundaries: list[SpanBoundaries | None] = [None] * capacity
+        self._route_span = route_span  # None: the served artifact's
         self._row_slots: torch.Tensor | None = None  # None: row i is slot i (V1)
         self.num_rows = 0
         # Entries are plain (route, best_edit, overlap) tuples, not RouteDecision objects: up
@@ -70,14 +94,23 @@ class RequestRoutes:
         logger.warning("MEMOIR: growing per-request buffers from %d to %d slots", capacity, grown)
         route = torch.full((grown,), NO_ROUTE, dtype=torch.int64)
         prompt_len = torch.zeros(grown, dtype=torch.int64)
-        route[:capacity], prompt_len[:capacity] = self.slot_route, self.slot_prompt_len
-        self.slot_route, self.slot_prompt_len = route, prompt_len
+        span = torch.zeros(grown, 2, dtype=torch.int64)
+        route[:capacity], prompt_len[:capacity], span[:capacity] = self.slot_route, self.slot_prompt_len, self.slot_span
+        self.slot_route, self.slot_prompt_len, self.slot_span = route, prompt_len, span
         self._key += [None] * (grown - capacity)
+        self._boundaries += [None] * (grown - capacity)
 
-    def _set(self, slot: int, route: int, prompt_len: int, key: bytes | None) -> None:
+    @property
+    def route_span(self) -> RouteSpan:
+        return self._route_span if self._route_span is not None else _served_span
+
+    def _set(self, slot: int, route: int, prompt_len: int, key: bytes | None, span: tuple[int, int] | None = None,
+             boundaries: SpanBoundaries | None = None) -> None:
         self.slot_route[slot] = route
         self.slot_prompt_len[slot] = prompt_len
+        self.slot_span[slot, 0], self.slot_span[slot, 1] = span if span is not None else (0, prompt_len)
         self._key[slot] = key
+        self._boundaries[slot] = boundaries
 
     def add(self, slot: int, prompt_token_ids: Sequence[int] | None, is_new_request: bool = False) -> None:
         """A request enters the batch at `slot` (new, resumed after preemption, or rescheduled)."""
@@ -88,16 +121,21 @@ class RequestRoutes:
             self._set(slot, NO_ROUTE, 0, None)
             return
         key = prompt_key(prompt_token_ids)
+        rule = self.route_span
+        # Found even for a cached decision: the blocks this request computes keep the partial
+        # sums that later requests sharing them through the prefix cache may need.
+        boundaries = None if rule.whole_prompt else rule.boundaries(prompt_token_ids)
+        span = (0, len(prompt_token_ids)) if boundaries is None else rule.span(prompt_token_ids, boundaries)
         cached = self._cache.get(key)
         if cached is not None:
             self._cache.move_to_end(key)
         elif not is_new_request:
             cached = self._carried.get(key)  # routed before the served edits changed
         if cached is None:
-            self._set(slot, PENDING, len(prompt_token_ids), key)
+            self._set(slot, PENDING, len(prompt_token_ids), key, span, boundaries)
             return
         decision = RouteDecision(*cached)
-        self._set(slot, decision.route, len(prompt_token_ids), key)
+        self._set(slot, decision.route, len(prompt_token_ids), key, span, boundaries)
         if is_new_request:
             self.new_decisions.append((decision, len(prompt_token_ids)))
         else:
@@ -111,14 +149,16 @@ class RequestRoutes:
     def move(self, src: int, dst: int) -> None:
         """One-way move src -> dst (dst's previous occupant is gone)."""
         self._ensure(max(src, dst))
-        self._set(dst, int(self.slot_route[src]), int(self.slot_prompt_len[src]), self._key[src])
+        self._set(dst, int(self.slot_route[src]), int(self.slot_prompt_len[src]), self._key[src],
+                  tuple(self.slot_span[src].tolist()), self._boundaries[src])
         self.remove(src)
 
     def swap(self, a: int, b: int) -> None:
         self._ensure(max(a, b))
-        for column in (self.slot_route, self.slot_prompt_len):
+        for column in (self.slot_route, self.slot_prompt_len, self.slot_span):
             column[[a, b]] = column[[b, a]]
         self._key[a], self._key[b] = self._key[b], self._key[a]
+        self._boundaries[a], self._boundaries[b] = self._boundaries[b], self._boundaries[a]
 
     def rebase(self, new_row: Callable[[int], int]) -> None:
         """The served edits changed (swap, enable, disable): `new_row(old row)` is the row of
@@ -164,6 +204,14 @@ class RequestRoutes:
 
     def row_prompt_len(self, row: int) -> int:
         return int(self.slot_prompt_len[self._slot(row)])
+
+    def row_span(self, row: int) -> tuple[int, int]:
+        """[start, end) prompt positions whose inputs the row's route feature averages."""
+        start, end = self.slot_span[self._slot(row)].tolist()
+        return start, end
+
+    def row_boundaries(self, row: int) -> SpanBoundaries | None:
+        return self._boundaries[self._slot(row)]
 
     def record(self, row: int, decision: RouteDecision) -> None:
         """The routing op decided a pending row at its prefill."""

@@ -37,6 +37,9 @@ class TokenLayout:
 
     query_start: list[int]
     seq_lens: list[int]
+    # Where each token's KV goes and each row's KV blocks (prefix features; see block_feature_sums).
+    slot_mapping: torch.Tensor | None = None
+    block_table: torch.Tensor | None = None
 
     @property
     def num_rows(self) -> int:
@@ -44,6 +47,10 @@ class TokenLayout:
 
     def tokens(self, row: int) -> tuple[int, int]:
         return self.query_start[row], self.query_start[row + 1]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.query_start[-1]
 
     def first_position(self, row: int) -> int:
         start, end = self.tokens(row)
@@ -64,7 +71,9 @@ def current_layout() -> TokenLayout | None:
         seq_lens = getattr(layer_metadata, "seq_lens", None)
         if query_start is not None and seq_lens is not None:
             num_rows = seq_lens.shape[0]
-            return TokenLayout(query_start[: num_rows + 1].tolist(), seq_lens.tolist())
+            return TokenLayout(query_start[: num_rows + 1].tolist(), seq_lens.tolist(),
+                               getattr(layer_metadata, "slot_mapping", None),
+                               getattr(layer_metadata, "block_table", None))
     return None
 
 

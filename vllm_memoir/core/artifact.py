@@ -8,7 +8,15 @@ Layout of a directory at version N:
 
 Saving writes the version-N files first and replaces manifest.json last (os.replace), so a
 crash at any point leaves either the old or the new artifact whole. Only safetensors and
-JSON are read: nothing here unpickles.
+JSON are read: nothing here unpickles, and only regular files are opened (a FIFO or a
+device named like an artifact file is refused, not waited on).
+
+Versions count published states, not saves: an edit job checkpoints every few edits, and
+all checkpoints of one job share the version the job started (a fresh artifact is version 1
+however many checkpoints its job wrote). The job records its progress in
+hparams["job"] = {data_sha256, first_row, done, total}; while done < total the files are
+named memoir-vN.partD.safetensors / edits-vN.partD.jsonl (D edits done), so a checkpoint
+never overwrites a file the manifest on disk names.
 """
 
 from __future__ import annotations
@@ -17,19 +25,25 @@ import dataclasses
 import hashlib
 import json
 import os
-import tempfile
+import secrets
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .route_span import RouteSpan, RouteSpanError
 from .tophash import AGGREGATIONS, packed_width, popcount64, unpack_bits
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+# A manifest is a few kB; anything this large is not one (and would be read whole into memory).
+MAX_MANIFEST_BYTES = 64 << 20
+# Paths in messages are cut here: a path comes from users (an HTTP body) and lands in logs.
+SHOWN_PATH_CHARS = 200
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -78,6 +92,10 @@ class ArtifactManifest:
     hparams: dict[str, Any] = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+    # Which prompt tokens the route feature averages (core/route_span.py); absent in older
+    # manifests, which read as "prompt" (every prompt token, the reference's rule).
+    routing_span: str = "prompt"
+    routing_span_markers: dict[str, list[int]] = field(default_factory=dict)
 
     @classmethod
     def from_json(cls, obj: dict[str, Any], where: str) -> "ArtifactManifest":
@@ -85,7 +103,8 @@ class ArtifactManifest:
         if version != FORMAT_VERSION:
             raise ArtifactError(f"{where}: unknown format_version {version!r} (this build reads {FORMAT_VERSION})")
         names = {f.name for f in dataclasses.fields(cls)}
-        missing = sorted(n for n in names if n not in obj and n not in ("hparams", "files", "num_edits", "version"))
+        missing = sorted(n for n in names if n not in obj and n not in ("hparams", "files", "num_edits", "version",
+                                                                           "routing_span", "routing_span_markers"))
         if missing:
             raise ArtifactError(f"{where}: missing fields {missing}")
         unknown = sorted(set(obj) - names)
@@ -99,7 +118,14 @@ class ArtifactManifest:
             raise ArtifactError(f"{where}: aggregation {manifest.aggregation!r} is not one of {AGGREGATIONS}")
         if not 0 < manifest.top_k <= manifest.intermediate_size:
             raise ArtifactError(f"{where}: top_k {manifest.top_k} outside 1..{manifest.intermediate_size}")
+        manifest.route_span(where)  # a bad routing_span is refused here, naming the field
         return manifest
+
+    def route_span(self, where: str = MANIFEST_NAME) -> RouteSpan:
+        try:
+            return RouteSpan.from_manifest(self.routing_span, self.routing_span_markers, self.aggregation, where)
+        except RouteSpanError as exc:
+            raise ArtifactError(str(exc)) from None
 
 
 # JSON type of each manifest field: a hand-edited or foreign manifest must fail here, naming
@@ -108,6 +134,7 @@ _FIELD_TYPES = {
     "base_model": str, "base_fingerprint": str, "module_path": str, "dtype": str, "aggregation": str,
     "layer_index": int, "hidden_size": int, "intermediate_size": int, "top_k": int, "num_edits": int,
     "version": int, "format_version": int, "irr_threshold": float, "hparams": dict, "files": dict,
+    "routing_span": str, "routing_span_markers": dict,
 }
 _TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", dict: "an object"}
 _REQUIRED_TENSORS = ("memory", "masks", "permutation")
@@ -161,26 +188,144 @@ def base_fingerprint(down_proj_weight: torch.Tensor, config: dict[str, Any]) -> 
     return digest.hexdigest()
 
 
+def shown_path(path: str | os.PathLike) -> str:
+    """`path` for a message: whole when short, else its first SHOWN_PATH_CHARS characters."""
+    text = os.fspath(path)
+    if len(text) <= SHOWN_PATH_CHARS:
+        return text
+    return f"{text[:SHOWN_PATH_CHARS]}... ({len(text)} characters)"
+
+
+_FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+               (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
+def _not_regular(mode: int) -> str | None:
+    if stat.S_ISREG(mode):
+        return None
+    return next((kind for test, kind in _FILE_KINDS if test(mode)), "not a regular file")
+
+
+def open_regular_file(path: str | os.PathLike, max_bytes: int | None = None) -> IO[bytes]:
+    """Open `path` for reading only if it is a regular file (of at most `max_bytes`).
+
+    Raises ArtifactError naming the path (cut to SHOWN_PATH_CHARS) and the reason; a missing
+    file raises FileNotFoundError, for callers that word that case themselves. The type is
+    checked before the open (a device is never opened) and again on the open file, which is
+    opened non-blocking, so a FIFO put in its place meanwhile cannot block the reader.
+    """
+    shown = shown_path(path)
+    try:
+        kind = _not_regular(os.stat(path).st_mode)
+        if kind is None:
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except (FileNotFoundError, NotADirectoryError) as exc:
+        raise FileNotFoundError(exc.errno, exc.strerror, shown) from None
+    except OSError as exc:  # too long a name, no permission, a symlink loop, ...
+        raise ArtifactError(f"{shown}: cannot be read ({exc.strerror or exc.__class__.__name__})") from None
+    except ValueError:  # os.stat refuses a path with a NUL character
+        raise ArtifactError(f"{shown}: not a usable path (it contains a NUL character)") from None
+    if kind is not None:
+        raise ArtifactError(f"{shown}: is {kind}, not a regular file")
+    try:
+        info = os.fstat(fd)
+        kind = _not_regular(info.st_mode)
+        if kind is not None:
+            raise ArtifactError(f"{shown}: is {kind}, not a regular file")
+        if max_bytes is not None and info.st_size > max_bytes:
+            raise ArtifactError(f"{shown}: {info.st_size} bytes, more than the {max_bytes} this file may have")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_regular_file(path: str | os.PathLike, max_bytes: int | None = None) -> bytes:
+    """The bytes of a regular file (open_regular_file's checks), at most `max_bytes` of them."""
+    with open_regular_file(path, max_bytes) as handle:
+        data = handle.read() if max_bytes is None else handle.read(max_bytes + 1)
+    if max_bytes is not None and len(data) > max_bytes:  # it grew after the size check
+        raise ArtifactError(f"{shown_path(path)}: more than the {max_bytes} bytes this file may have")
+    return data
+
+
+def _read_existing(path: Path) -> bytes:
+    """read_regular_file, with a missing file an ArtifactError too."""
+    try:
+        return read_regular_file(path)
+    except FileNotFoundError:
+        raise ArtifactError(f"{shown_path(path)}: missing") from None
+    except OSError as exc:  # a read error after the open (EIO, ...)
+        raise ArtifactError(f"{shown_path(path)}: cannot be read ({exc.strerror or exc})") from None
+
+
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
+    try:
+        with open_regular_file(path) as handle:
+            for block in iter(lambda: handle.read(1 << 22), b""):
+                digest.update(block)
+    except FileNotFoundError:
+        raise ArtifactError(f"{shown_path(path)}: missing") from None
     return digest.hexdigest()
+
+
+def _create_temporary(path: Path) -> Path:
+    """A new empty file beside `path`, with the mode a plain open() would give it (0666 less the
+    umask), unlike tempfile.mkstemp's 0600: artifacts are read by servers running as other users."""
+    while True:
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
 
 
 def _write_atomic(path: Path, write) -> None:
     """Write via a temporary file in the same directory, fsync, then rename into place."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = _create_temporary(path)
+    mode = tmp.stat().st_mode
     try:
-        write(Path(tmp))
+        write(tmp)
+        tmp.chmod(mode)  # a writer that makes its own file (safetensors' save_file does) gets 0600
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+
+
+def unfinished_job(hparams: dict[str, Any]) -> dict[str, Any] | None:
+    """The edit job recorded in a manifest's hparams, when it has edits still to do (a
+    checkpoint of a job that is running, or was stopped and can be resumed)."""
+    job = hparams.get("job") if isinstance(hparams, dict) else None
+    if isinstance(job, dict) and isinstance(job.get("done"), int) and job["done"] < job.get("total", 0):
+        return job
+    return None
+
+
+def _next_version(manifest: ArtifactManifest, previous: dict[str, Any] | None) -> int:
+    """The version a save publishes: the one on disk when the save continues the unfinished job
+    saved there (same data, same first row), else one past the newest known."""
+    on_disk = previous.get("version", 0) if previous else 0
+    running = unfinished_job(previous.get("hparams", {})) if previous else None
+    job = manifest.hparams.get("job")
+    if running is not None and isinstance(job, dict) and isinstance(on_disk, int) and manifest.version <= on_disk \
+            and all(job.get(key) == running.get(key) for key in ("data_sha256", "first_row")):
+        return on_disk
+    return max(manifest.version, on_disk if isinstance(on_disk, int) else 0) + 1
+
+
+def _file_names(manifest: ArtifactManifest, version: int, taken: set[str]) -> tuple[str, str]:
+    """This save's tensors and edits file names, none of them one the manifest on disk names."""
+    job = unfinished_job(manifest.hparams)
+    stem = f"v{version}" if job is None else f"v{version}.part{job['done']}"
+    candidates = (stem, *(f"{stem}.{n}" for n in range(1, len(taken) + 2)))
+    stem = next(c for c in candidates if f"memoir-{c}.safetensors" not in taken and f"edits-{c}.jsonl" not in taken)
+    return f"memoir-{stem}.safetensors", f"edits-{stem}.jsonl"
 
 
 def save_artifact(artifact: MemoirArtifact, directory: str | os.PathLike) -> Path:
@@ -189,8 +334,8 @@ def save_artifact(artifact: MemoirArtifact, directory: str | os.PathLike) -> Pat
     out.mkdir(parents=True, exist_ok=True)
     manifest = artifact.manifest
     previous = _read_manifest_json(out) if (out / MANIFEST_NAME).exists() else None
-    version = max(manifest.version, previous.get("version", 0) if previous else 0) + 1
-    tensors_name, edits_name = f"memoir-v{version}.safetensors", f"edits-v{version}.jsonl"
+    version = _next_version(manifest, previous)
+    tensors_name, edits_name = _file_names(manifest, version, set(previous.get("files", {})) if previous else set())
 
     tensors = {
         "memory": artifact.memory.detach().to("cpu", _DTYPES[manifest.dtype]).contiguous(),
@@ -231,20 +376,25 @@ def save_artifact(artifact: MemoirArtifact, directory: str | os.PathLike) -> Pat
 
 def _read_manifest_json(directory: Path) -> dict[str, Any]:
     path = directory / MANIFEST_NAME
-    if not path.exists():
-        raise ArtifactError(f"{path}: missing (is {directory} a MEMOIR artifact directory?)")
     try:
-        obj = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ArtifactError(f"{path}: not valid JSON ({exc})") from exc
+        data = read_regular_file(path, MAX_MANIFEST_BYTES)
+    except FileNotFoundError:
+        raise ArtifactError(f"{shown_path(path)}: missing (is {shown_path(directory)} a MEMOIR artifact "
+                            "directory?)") from None
+    except OSError as exc:
+        raise ArtifactError(f"{shown_path(path)}: cannot be read ({exc.strerror or exc})") from None
+    try:
+        obj = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"{shown_path(path)}: not valid JSON ({exc})") from None
     if not isinstance(obj, dict):
-        raise ArtifactError(f"{path}: expected a JSON object")
+        raise ArtifactError(f"{shown_path(path)}: expected a JSON object")
     return obj
 
 
 def read_manifest(directory: str | os.PathLike) -> ArtifactManifest:
     directory = Path(directory)
-    return ArtifactManifest.from_json(_read_manifest_json(directory), str(directory / MANIFEST_NAME))
+    return ArtifactManifest.from_json(_read_manifest_json(directory), shown_path(directory / MANIFEST_NAME))
 
 
 def load_artifact(directory: str | os.PathLike, expected_fingerprint: str | None = None) -> MemoirArtifact:
@@ -253,20 +403,20 @@ def load_artifact(directory: str | os.PathLike, expected_fingerprint: str | None
     manifest = read_manifest(directory)
     if expected_fingerprint is not None and manifest.base_fingerprint != expected_fingerprint:
         raise ArtifactError(
-            f"{directory / MANIFEST_NAME}: made for a different base model (fingerprint "
+            f"{shown_path(directory / MANIFEST_NAME)}: made for a different base model (fingerprint "
             f"{manifest.base_fingerprint[:12]}..., this model's is {expected_fingerprint[:12]}...; "
             f"artifact base_model={manifest.base_model!r})"
         )
     tensors_name = next((n for n in manifest.files if n.endswith(".safetensors")), None)
     edits_name = next((n for n in manifest.files if n.endswith(".jsonl")), None)
     if tensors_name is None or edits_name is None:
-        raise ArtifactError(f"{directory / MANIFEST_NAME}: 'files' must name a .safetensors and a .jsonl file")
+        raise ArtifactError(f"{shown_path(directory / MANIFEST_NAME)}: 'files' must name a .safetensors and a .jsonl "
+                            "file")
     for name, digest in manifest.files.items():
         path = directory / name
-        if not path.exists():
-            raise ArtifactError(f"{path}: missing")
         if _sha256(path) != digest:
-            raise ArtifactError(f"{path}: checksum mismatch (truncated or modified after the manifest was written)")
+            raise ArtifactError(f"{shown_path(path)}: checksum mismatch (truncated or modified after the manifest "
+                                "was written)")
 
     tensors = _read_tensors(directory / tensors_name)
     edits = _read_edits(directory / edits_name)
@@ -278,7 +428,7 @@ def load_artifact(directory: str | os.PathLike, expected_fingerprint: str | None
         background_mean=tensors.get("background_mean"),
         edits=edits,
     )
-    validate_artifact(artifact, str(directory / tensors_name))
+    validate_artifact(artifact, shown_path(directory / tensors_name))
     return artifact
 
 
@@ -287,23 +437,23 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
         with safe_open(str(path), framework="pt") as handle:
             tensors = {name: handle.get_tensor(name) for name in handle.keys()}
     except Exception as exc:  # safetensors raises its own error types for corrupt headers
-        raise ArtifactError(f"{path}: not a readable safetensors file ({exc})") from exc
+        raise ArtifactError(f"{shown_path(path)}: not a readable safetensors file ({exc})") from exc
     missing = [name for name in _REQUIRED_TENSORS if name not in tensors]
     if missing:
-        raise ArtifactError(f"{path}: no tensor {missing[0]!r} (holds {sorted(tensors)})")
+        raise ArtifactError(f"{shown_path(path)}: no tensor {missing[0]!r} (holds {sorted(tensors)})")
     return tensors
 
 
 def _read_edits(path: Path) -> list[EditRecord]:
     edits = []
     try:
-        text = path.read_text(encoding="utf-8")
+        text = _read_existing(path).decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise ArtifactError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        raise ArtifactError(f"{shown_path(path)}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
-        where = f"{path}:{number}"
+        where = f"{shown_path(path)}:{number}"
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
