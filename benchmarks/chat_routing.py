@@ -36,6 +36,7 @@ import json
 import logging
 import os
 import platform
+import random
 import shutil
 import sys
 import time
@@ -52,6 +53,8 @@ from edit_tools.chat_models import (LONG_SYSTEM_PROMPT, SHORT_SYSTEM_PROMPT, bui
                                     messages, train_chat_model)
 from edit_tools.datasets import EditRequest  # noqa: E402
 from edit_tools.editor import run_edit_job  # noqa: E402
+from edit_tools.facts.edit_sets import question_prompt  # noqa: E402
+from edit_tools.facts.world import generate_world  # noqa: E402
 from edit_tools.hf_model import MemoirHFModel  # noqa: E402
 from edit_tools.hparams import MemoirHyperParams  # noqa: E402
 from report_paths import command_line, repo_relative  # noqa: E402
@@ -73,7 +76,7 @@ def load_records(path: Path, count: int) -> list[dict]:
 
 def model_settings(args, records: list[dict]) -> dict:
     return {"edits": len(records), "data": repo_relative(args.data), "epochs": args.epochs, "seed": args.seed,
-            "layers": 4, "hidden": 128, "intermediate": 1024, "threads": args.threads}
+            "layers": 4, "hidden": 128, "intermediate": 1024, "threads": args.threads, "target_pairs": True}
 
 
 def chat_model(args, records: list[dict]) -> tuple[Path, dict]:
@@ -89,11 +92,34 @@ def chat_model(args, records: list[dict]) -> tuple[Path, dict]:
     build_chat_llama(args.model_dir, texts, num_layers=4, hidden_size=128, intermediate_size=1024, seed=args.seed,
                      init_std=0.02)
     pairs = [(r["src"], r["pred"]) for r in records] + [(r["rephrase"], r["pred"]) for r in records] + \
-            [(r["loc"], r["loc_ans"]) for r in records]
+            [(r["loc"], r["loc_ans"]) for r in records] + target_pairs(records, args.seed)
     training = train_chat_model(args.model_dir, pairs, epochs=args.epochs, seed=args.seed)
     report = {"settings": settings, "training": training}
     stamp.write_text(json.dumps(report, indent=2) + "\n")
     return args.model_dir, report
+
+
+def target_pairs(records: list[dict], seed: int) -> list[tuple[str, str]]:
+    """For each edit's new target, another subject's fact with that answer.
+
+    A token the model never produced as an answer keeps a near-initial output embedding, and
+    no residual at the last layer can make it the argmax (measured: the edit loss stalls at
+    ~3.5); an instruct model knows its answer words.
+    """
+    rng = random.Random(seed)
+    world = generate_world()
+    asked = [r["src"] for r in records] + [r["loc"] for r in records]
+    by_answer: dict[str, list] = {}
+    for fact in world.facts:
+        if not any(question.startswith(fact.subject + " ") for question in asked):  # subjects come first
+            by_answer.setdefault(fact.answer, []).append(fact)
+    pairs = []
+    for record in records:
+        facts = by_answer.get(record["alt"])
+        if facts:
+            fact = rng.choice(facts)
+            pairs.append((question_prompt(fact, rng), fact.answer))
+    return pairs
 
 
 def encode(hf: MemoirHFModel, mode: str, question: str, target: str, earlier: tuple[str, str]) -> tuple[list[int], list[int]]:
@@ -170,9 +196,10 @@ def markdown(result: dict) -> str:
         "",
         f"Model: tiny BPE Llama with a Llama-3-style chat template (4 layers, hidden 128, intermediate 1024), "
         f"trained {result['chat_model']['settings']['epochs']} epochs on the facts world's {result['edits']} edited "
-        f"questions, their paraphrases and {result['edits']} unrelated questions (raw and templated, with and "
-        f"without system prompts and earlier turns; final answer loss {result['chat_model']['training']['final_loss']}). "
-        f"{result['edits']} MEMOIR edits at layer {hp['inner_params'][0]}, top_k {hp['top_k']}, irr_threshold "
+        f"questions, their paraphrases, {result['edits']} unrelated questions and one question per new target (raw and "
+        f"templated, with and without system prompts and earlier turns; final answer loss "
+        f"{result['chat_model']['training']['final_loss']}). "
+        f"{result['edits']} MEMOIR edits of `{hp['inner_params'][0]}` (the last layer), top_k {hp['top_k']}, irr_threshold "
         f"{hp['irr_threshold']}, {hp['prompt_feature_agg']}, edit_lr {hp['edit_lr']}, n_iter {hp['n_iter']}. "
         f"Machine: {result['machine']}, {result['threads']} torch thread(s); {result['seconds']:.0f} s in all.",
         "",
@@ -205,7 +232,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="facts edit set (ZsRE format with pred)")
     parser.add_argument("--edits", type=int, default=40)
-    parser.add_argument("--epochs", type=int, default=30, help="chat model training epochs")
+    parser.add_argument("--epochs", type=int, default=40, help="chat model training epochs")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--top-k", type=int, default=384)
     parser.add_argument("--threshold", type=float, default=0.75)

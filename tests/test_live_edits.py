@@ -584,7 +584,9 @@ def test_swap_mid_stream(server, artifacts, references, records, tmp_path):
         events["swap_sent"] = time.monotonic()
         response = admin.swap(v2_copy)
         events["swap_done"] = time.monotonic()
-        wait_until(lambda: sum("done" in r and r["sent"] > events["swap_done"] for r in list(stream_results)) >= 6,
+        # Traffic goes on until 6 requests sent after the swap are answered (or one fails: reported below).
+        wait_until(lambda: any("error" in r for r in list(stream_results)) or
+                   sum("done" in r and r["sent"] > events["swap_done"] for r in list(stream_results)) >= 6,
                    300, "6 requests sent after the swap answered")
         stop.set()
         long_results = [future.result() for future in long_futures]

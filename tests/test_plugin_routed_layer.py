@@ -26,7 +26,12 @@ def layer():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    with set_current_vllm_config(VllmConfig()):
+    config = VllmConfig()
+    # Whole prompts in each forward (prefix caching and chunked prefill off), as the start-up
+    # checks require below the last layer; test_a_prompt_in_chunks covers the other case.
+    config.cache_config.enable_prefix_caching = False
+    config.scheduler_config.enable_chunked_prefill = False
+    with set_current_vllm_config(config):
         init_distributed_environment(1, 0, f"tcp://127.0.0.1:{port}", 0, "gloo")
         initialize_model_parallel(1)
         artifact, features = synthetic_artifact(hidden=H, dim=D, top_k=8, aggregation="mean")
@@ -148,3 +153,41 @@ def test_many_edits_in_one_forward_each_row_gets_its_own_edit(layer, batch, monk
         else:
             want = base[start:end] + edit_residual(artifact, x[start:end], edit)
             assert torch.allclose(out[start:end], want, atol=1e-4), (edit, dense_from)
+
+
+def test_a_prompt_in_chunks_is_routed_when_its_last_token_arrives(layer, batch):
+    """Chunked prefill (edits at the last layer): the first chunk stays pending and unrouted,
+    the last one is routed as the whole prompt is, from the chunks' per-block input sums."""
+    from vllm.config import VllmConfig, set_current_vllm_config
+
+    from vllm_memoir.routed_down_proj import MemoirDownProj
+
+    _, artifact, features, _ = layer
+    routes, layout = batch
+    config = VllmConfig()
+    config.cache_config.block_size = 4
+    with set_current_vllm_config(config):
+        module = MemoirDownProj(input_size=D, output_size=H, bias=False, prefix="model.layers.3.mlp.down_proj",
+                                artifact=artifact)
+    torch.nn.init.normal_(module.weight)
+    module.quant_method.process_weights_after_loading(module)
+    # Routes to edit 1 as a whole; its last token alone (all the last chunk holds) does not.
+    noise = torch.randn(6, D, generator=torch.Generator().manual_seed(3))
+    prompt = torch.cat([features[1].repeat(5, 1) + noise[:5] * 0.05, noise[5:] * 3])
+    decide = lambda x: module.router.decide(module.router.prompt_feature(x).unsqueeze(0))[0].route  # noqa: E731
+    assert decide(prompt) == 1 and decide(prompt[5:]) != 1
+    routes.add(0, list(range(1, 7)), is_new_request=True)
+    routes.set_batch(1)
+    table = torch.tensor([[9, 4]])  # positions 0-3 in block 9, 4-5 in block 4
+    slots = torch.tensor([36, 37, 38, 39, 16, 17])
+    with torch.no_grad():
+        layout["now"] = TokenLayout([0, 5], [5], slots[:5], table)  # chunk 1: positions 0-4
+        base = base_projection(module, routes, prompt[:5])
+        assert torch.equal(module(prompt[:5])[0], base)  # no route yet: the base output
+        assert routes.row_routes() == [request_routes.PENDING]
+        layout["now"] = TokenLayout([0, 1], [6], slots[5:], table)  # chunk 2: position 5, the last
+        base = base_projection(module, routes, prompt[5:])
+        out = module(prompt[5:])[0]
+    assert routes.row_routes() == [1]
+    assert torch.allclose(out, base + edit_residual(artifact, prompt[5:], 1), atol=1e-5)
+    assert module.route_counts[artifact.edits[1].edit_id] == 1  # decided (and counted) once, at the last chunk

@@ -248,12 +248,14 @@ def test_ray_swap_reaches_every_replica_without_a_failed_request(served, facts_a
     for thread in threads:
         thread.start()
     try:
-        # Requests flow on every thread before the swap, and go on flowing after it answers.
-        wait_until(lambda: {n for n, _ in list(answered)} == {0, 1, 2}, 120, "an answer on each traffic thread")
+        # Requests flow on every thread before the swap, and go on flowing after it answers
+        # (a failed request ends the wait: it is reported below).
+        wait_until(lambda: errors or {n for n, _ in list(answered)} == {0, 1, 2}, 120,
+                   "an answer on each traffic thread")
         with _admin(base_url) as admin:
             response = admin.post("/memoir/artifact", json={"path": str(artifact_v2)})
         swapped = time.monotonic()
-        wait_until(lambda: sum(sent > swapped for _, sent in list(answered)) >= 3, 120,
+        wait_until(lambda: errors or sum(sent > swapped for _, sent in list(answered)) >= 3, 120,
                    "3 answers to requests sent after the swap")
     finally:
         stop.set()

@@ -4,9 +4,10 @@ The one place that knows about requests. Runner adapters (runner_v1, runner_v2) 
 batch changes before each forward; the routing op reads it during the forward and records
 the decisions it makes at a prompt's prefill.
 
-State is kept per *slot*, in persistent int64 buffers (route, prompt length, routing span). The V1 runner's slots are its persistent-batch rows (moved and
-swapped as the batch condenses); the V2 runner's slots are its request-state indices, and
-each step maps batch rows to slots. Decisions are cached by a hash of the prompt token ids:
+State is kept per *slot*, in persistent int64 buffers (route, prompt length, routing span).
+The V1 runner's slots are its persistent-batch rows (moved and swapped as the batch
+condenses); the V2 runner's slots are its request-state indices, and each step maps batch
+rows to slots. Decisions are cached by a hash of the prompt token ids:
 the decision depends only on the prompt, so a request that leaves the batch (unscheduled or
 preempted) and comes back gets the same route without its prompt being seen again.
 

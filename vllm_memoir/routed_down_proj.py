@@ -195,11 +195,19 @@ class MemoirDownProj(RowParallelLinear):
             start, end = layout.tokens(row)
             first = layout.first_position(row)
             prompt_len = routes.row_prompt_len(row)
+            if self.block_sums is None and (first > 0 or first + (end - start) < prompt_len):
+                # The start-up checks turn prompt splitting on only with block sums; a part of
+                # a prompt here would be routed on what it holds, silently wrong.
+                raise RuntimeError(
+                    f"MEMOIR: a request's prefill holds positions {first}..{first + end - start - 1} of a "
+                    f"{prompt_len}-token prompt; routing needs whole prompts unless the edit sits at the last layer "
+                    "(is prefix caching or chunked prefill on?)"
+                )
             if first + (end - start) < prompt_len:
                 continue  # a chunk of a longer prompt: decided with its last chunk
-            if first >= prompt_len or (first > 0 and self.block_sums is None):
+            if first >= prompt_len:
                 # Only a request resumed after preemption whose decision left the cache
-                # (2**18 newer prompts), or an engine feature the start-up checks missed.
+                # (2**18 newer prompts): its prompt's inputs were never summed here.
                 logger.error("MEMOIR: a request's prompt (%d tokens) starts at position %d in this forward and "
                              "its route is unknown; serving it unrouted", prompt_len, first)
                 routes.record(row, RouteDecision(NO_ROUTE, NO_ROUTE, 0.0))
