@@ -27,29 +27,9 @@ import torch
 
 from edit_tools.background import compute_background_mean
 from edit_tools.hf_model import MemoirHFModel
-from vllm_memoir.core.tophash import aggregate_prompt_feature, overlap_counts, pack_indices, tophash_indices
+from vllm_memoir.core.tophash import overlap_counts, pack_indices, tophash_indices
 
 log = logging.getLogger("mask_overlap")
-
-
-@torch.no_grad()
-def prompt_features(hf: MemoirHFModel, prompts: list[str], background: torch.Tensor, aggregation: str,
-                    batch_size: int = 128) -> torch.Tensor:
-    """[N, D] prompt features at hf's edited layer, from the inputs of its original down_proj."""
-    captured: list[torch.Tensor] = []
-    handle = hf.layer.base.register_forward_hook(lambda _m, args, _out: captured.append(args[0]))
-    features = []
-    try:
-        with hf.routing_off():
-            for start in range(0, len(prompts), batch_size):
-                rows = [hf.prompt_ids(p) for p in prompts[start:start + batch_size]]
-                ids, attention = hf._pad(rows, left=False)
-                captured.clear()
-                hf.model(input_ids=ids, attention_mask=attention, use_cache=False)
-                features.append(aggregate_prompt_feature(captured[0], attention.bool(), aggregation, background))
-    finally:
-        handle.remove()
-    return torch.cat(features).cpu()
 
 
 @dataclass
@@ -158,7 +138,8 @@ def main(argv: list[str] | None = None) -> None:
     for layer in layers:
         hf = MemoirHFModel.from_pretrained(args.model, module_path=f"model.layers.{layer}.mlp.down_proj")
         background = compute_background_mean(hf, background_prompts)
-        features = {name: prompt_features(hf, texts, background, args.aggregation) for name, texts in prompts.items()}
+        features = {name: hf.prompt_features(texts, args.aggregation, background, batch_size=128)
+                    for name, texts in prompts.items()}
         for top_k in top_ks:
             d = overlap_distributions(features["edit"], features["paraphrase"], features["unrelated"], top_k)
             threshold, balanced = best_threshold(d.paraphrase_own, d.unrelated_best)

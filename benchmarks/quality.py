@@ -36,8 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 if not __package__:  # run as a script (python benchmarks/quality.py): the package is in REPO
     sys.path.insert(0, str(REPO))
 
-from benchmarks.mask_overlap import (best_threshold, overlap_distributions, plot_histogram,  # noqa: E402
-                                     prompt_features, quantiles)
+from benchmarks.mask_overlap import best_threshold, overlap_distributions, plot_histogram, quantiles  # noqa: E402
 from benchmarks.report_paths import repo_relative  # noqa: E402
 from edit_tools.datasets import EditRequest, load_edit_dataset  # noqa: E402
 from edit_tools.editor import run_edit_job  # noqa: E402
@@ -98,7 +97,7 @@ def overlap_summary(hf: MemoirHFModel, artifact: MemoirArtifact, requests: list[
     """mask_overlap's three distributions for this artifact's design and background."""
     manifest = artifact.manifest
     features = {
-        name: prompt_features(hf, texts, artifact.background_mean, manifest.aggregation)
+        name: hf.prompt_features(texts, manifest.aggregation, artifact.background_mean, batch_size=128)
         for name, texts in (("edit", [r.prompt for r in requests]), ("paraphrase", [r.rephrase for r in requests]),
                             ("unrelated", [r.loc for r in requests]))
     }

@@ -16,24 +16,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from vllm_memoir.core import aggregate_prompt_feature, match_routes, pack_indices, packed_width, tophash_indices
+from vllm_memoir.core import aggregate_prompt_feature, match_routes, pack_indices, tophash_indices
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # synthetic_artifact, when run as a script
+from synthetic_artifact import random_masks  # noqa: E402
 
 EDIT_COUNTS = (1, 10, 100, 1_000, 10_000, 100_000)
-
-
-def random_masks(count: int, dim: int, top_k: int, generator: torch.Generator) -> torch.Tensor:
-    """[count, packed_width(dim)] masks with exactly top_k bits each, built in chunks."""
-    out = torch.empty(count, packed_width(dim), dtype=torch.uint8)
-    for start in range(0, count, 4096):
-        rows = min(4096, count - start)
-        indices = torch.rand(rows, dim, generator=generator).argsort(dim=1)[:, :top_k]
-        out[start:start + rows] = pack_indices(indices, dim)
-    return out
 
 
 def time_routing(masks: torch.Tensor, dim: int, top_k: int, prompts: int, prompt_len: int,
@@ -95,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     print(f"{'D':>6} {'k':>5} {'prompts':>7} {'edits':>8} {'ms':>9} {'masks MiB':>10}")
     for dim, top_k in shapes:
-        all_masks = random_masks(max(counts), dim, top_k, generator)
+        all_masks = random_masks(max(counts), dim, top_k, seed=0)
         for count in counts:
             masks = all_masks[:count].clone()
             for prompts in (int(v) for v in args.prompts.split(",")):

@@ -34,7 +34,6 @@ from vllm_memoir.core import (
     ArtifactManifest,
     EditRecord,
     MemoirArtifact,
-    aggregate_prompt_feature,
     base_fingerprint,
     load_artifact,
     pack_indices,
@@ -78,14 +77,7 @@ def prompt_masks(model_dir: Path, module_path: str, prompts: list[str], top_k: i
     from edit_tools.hf_model import MemoirHFModel
 
     hf = MemoirHFModel.from_pretrained(model_dir, module_path=module_path)
-    captured: list[torch.Tensor] = []
-    handle = hf.layer.base.register_forward_hook(lambda _m, args, _out: captured.append(args[0]))
-    try:
-        ids, attention = hf._pad([hf.prompt_ids(p) for p in prompts], left=False)
-        hf.model(input_ids=ids, attention_mask=attention, use_cache=False)
-    finally:
-        handle.remove()
-    feature = aggregate_prompt_feature(captured[0], attention.bool(), aggregation, background)
+    feature = hf.prompt_features(prompts, aggregation, background, batch_size=len(prompts))
     dim = permutation.shape[0]
     return pack_indices(tophash_indices(feature, top_k, permutation), dim)
 

@@ -27,22 +27,7 @@ def compute_background_mean(hf: MemoirHFModel, texts: list[str], batch_size: int
     span when it has one). Returns [D] float32."""
     if not texts:
         raise ValueError("background features need at least one text")
-    captured: list[torch.Tensor] = []
-    handle = hf.layer.base.register_forward_hook(lambda _m, args, _out: captured.append(args[0]))
-    per_text = []
-    try:
-        with hf.routing_off():
-            for start in range(0, len(texts), batch_size):
-                rows = [hf.prompt_ids(t) for t in texts[start:start + batch_size]]
-                ids, attention = hf._pad(rows, left=False)
-                captured.clear()
-                hf.model(input_ids=ids, attention_mask=attention, use_cache=False)
-                x = captured[0].float()
-                mask = hf.route_mask(ids, attention.bool()).unsqueeze(-1).float()  # the routing span's tokens
-                per_text.append((x * mask).sum(1) / mask.sum(1))
-    finally:
-        handle.remove()
-    return torch.cat(per_text).mean(0).cpu()
+    return hf.prompt_features(texts, "mean", batch_size=batch_size).mean(0)
 
 
 def save_background(mean: torch.Tensor, path: str | Path) -> None:

@@ -353,7 +353,7 @@ def cmd_inspect(args) -> int:
     print(f"  routing        top_k={m.top_k} irr_threshold={m.irr_threshold} aggregation={m.aggregation}")
     print(f"  edits          {m.num_edits} ({enabled} enabled); masks {artifact.masks.numel() / 1024:.1f} KiB")
     print(f"  memory norm    {artifact.memory.float().norm():.4f}; columns touched {(artifact.memory != 0).any(0).sum()}")
-    job = m.hparams.get("job")
+    job = m.job
     if job:
         print(f"  last job       {job['done']}/{job['total']} edits done")
     for edit in artifact.edits[: args.edits]:

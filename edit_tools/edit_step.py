@@ -68,7 +68,7 @@ def build_edit_batch(hf: MemoirHFModel, prompt: str, target: str, templates: lis
         ids = hf.prompt_ids(irrelevant)
         rows.append(ids)
         prompt_lens.append(len(ids))
-    input_ids, attention = hf._pad(rows, left=False)
+    input_ids, attention = hf.pad(rows, left=False)
     prompt_mask = torch.zeros_like(attention, dtype=torch.bool)
     target_rows, target_positions, target_tokens = [], [], []
     for r, (row, plen) in enumerate(zip(rows, prompt_lens)):

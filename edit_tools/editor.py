@@ -41,8 +41,9 @@ from .templates import generate_context_templates
 
 logger = logging.getLogger(__name__)
 
-# Settings that must agree between an artifact and a job that extends it.
-_ROUTING_KEYS = ("top_k", "irr_threshold", "prompt_feature_agg", "inner_params", "use_chat_template")
+# Hyperparameters the manifest holds in fields of its own: hparams["memoir"] keeps the others,
+# so that no setting is stored twice (and can disagree with itself).
+_MANIFEST_FIELD_KEYS = ("inner_params", "top_k", "irr_threshold", "prompt_feature_agg", "routing_span")
 
 
 class EditJobError(RuntimeError):
@@ -83,7 +84,8 @@ def new_artifact(hf: MemoirHFModel, hp: MemoirHyperParams, model_id: str, reques
         top_k=hp.top_k,
         irr_threshold=hp.irr_threshold,
         aggregation=hp.prompt_feature_agg,
-        hparams={"memoir": hp.to_dict(), "context_templates": templates},
+        hparams={"memoir": {k: v for k, v in hp.to_dict().items() if k not in _MANIFEST_FIELD_KEYS},
+                 "context_templates": templates},
         routing_span=span.kind,
         routing_span_markers=span.manifest_markers(),
     )
@@ -142,13 +144,14 @@ def _save_checkpoint(artifact: MemoirArtifact, out_dir: Path) -> None:
 
 
 def _check_compatible(artifact: MemoirArtifact, hp: MemoirHyperParams, where: Path) -> None:
-    stored = artifact.manifest.hparams.get("memoir", {})
-    if artifact.manifest.routing_span != hp.routing_span:
-        raise EditJobError(f"{where}: artifact has routing_span={artifact.manifest.routing_span!r}, "
-                           f"the hyperparameters say {hp.routing_span!r}")
-    for key in _ROUTING_KEYS:
-        if key in stored and stored[key] != getattr(hp, key):
-            raise EditJobError(f"{where}: artifact has {key}={stored[key]!r}, the hyperparameters say {getattr(hp, key)!r}")
+    """The settings that must agree between an artifact and a job that extends it."""
+    m = artifact.manifest
+    stored = {"routing_span": m.routing_span, "module_path": m.module_path, "top_k": m.top_k,
+              "irr_threshold": m.irr_threshold, "prompt_feature_agg": m.aggregation,
+              "use_chat_template": m.hparams.get("memoir", {}).get("use_chat_template", False)}
+    for key, value in stored.items():
+        if value != getattr(hp, key):
+            raise EditJobError(f"{where}: artifact has {key}={value!r}, the hyperparameters say {getattr(hp, key)!r}")
 
 
 def run_edit_job(
@@ -197,7 +200,7 @@ def _run_checked_job(model_dir, data_name: str, requests: list[EditRequest], hp:
     if (out_dir / MANIFEST_NAME).exists():
         artifact = load_artifact(out_dir, expected_fingerprint=hf.fingerprint())
         _check_compatible(artifact, hp, out_dir)
-        job = artifact.manifest.hparams.get("job", {})
+        job = artifact.manifest.job
         same_data = job.get("data_sha256") == digest
         if same_data and job.get("done", 0) < job.get("total", 0):
             logger.info("resuming %s at edit %d of %d", out_dir, job["done"], job["total"])
@@ -225,7 +228,7 @@ def _run_checked_job(model_dir, data_name: str, requests: list[EditRequest], hp:
         artifact.memory = hf.layer.memory.data.detach().cpu().clone()
         artifact.masks = torch.cat(masks)
         masks[:] = [artifact.masks]
-        artifact.manifest.hparams["job"] = dict(job)
+        artifact.manifest.job = dict(job)
         _save_checkpoint(artifact, out_dir)
 
     end = len(requests) if stop_after is None else min(len(requests), job["done"] + stop_after)

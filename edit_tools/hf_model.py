@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import logging
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -23,17 +24,31 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from vllm_memoir.core import NO_ROUTE, MemoirArtifact, aggregate_prompt_feature, load_artifact, masked_residual, residual_by_route
 from vllm_memoir.core.artifact import ArtifactManifest, base_fingerprint
+from vllm_memoir.core.compatibility import check_artifact_fits_model, check_fingerprint
 from vllm_memoir.core.route_span import RouteSpan
 from vllm_memoir.core.routing import EditRouter, RouteDecision
 
 logger = logging.getLogger(__name__)
 
 
-class MemoirDownProj(nn.Module):
+@dataclass
+class RoutingCall:
+    """The routing state of one call (MemoirHFModel.routing): what the prompt forward decides
+    and the later forwards of the same call (generated tokens) reuse."""
+
+    prompt_mask: torch.Tensor | None  # [B, T]; None once the prompt forward has decided
+    input_ids: torch.Tensor | None = None  # the deciding forward's token ids (for the routing span)
+    routes: torch.Tensor | None = None  # [B] route per row
+    decisions: list[RouteDecision] = field(default_factory=list)
+
+
+class ReferenceMemoirDownProj(nn.Module):
     """down_proj plus the residual memory: out = W0 x + W_m (m * x).
 
     Three states: training (one fixed mask for every row), routed inference (per-row
-    routes decided on the prompt forward) and off (exactly the base layer).
+    routes decided on the prompt forward of a MemoirHFModel.routing call) and off (exactly
+    the base layer; also outside any routing call). vLLM's counterpart is
+    vllm_memoir.routed_down_proj.MemoirDownProj.
     """
 
     def __init__(self, base: nn.Linear):
@@ -45,22 +60,20 @@ class MemoirDownProj(nn.Module):
         self.train_indices: torch.Tensor | None = None
         self.router: EditRouter | None = None
         self.route_span = RouteSpan()
-        self.pending_prompt_mask: torch.Tensor | None = None
-        self.pending_input_ids: torch.Tensor | None = None  # the deciding forward's token ids
-        self.routes: torch.Tensor | None = None
-        self.decisions: list[RouteDecision] = []
+        self.call: RoutingCall | None = None  # set only inside MemoirHFModel.routing()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
         if self.train_indices is not None:
             return out + masked_residual(x, self.memory.to(x.dtype), self.train_indices)
-        if self.router is None:
+        call = self.call
+        if self.router is None or call is None:
             return out
-        if self.pending_prompt_mask is not None:
-            self._decide_routes(x)
-        if self.routes is None or bool((self.routes == NO_ROUTE).all()):
+        if call.prompt_mask is not None:
+            self._decide_routes(x, call)
+        if call.routes is None or bool((call.routes == NO_ROUTE).all()):
             return out
-        token_routes = self.routes.to(x.device).unsqueeze(1).expand(x.shape[0], x.shape[1]).reshape(-1)
+        token_routes = call.routes.to(x.device).unsqueeze(1).expand(x.shape[0], x.shape[1]).reshape(-1)
         flat_x = x.reshape(-1, x.shape[-1])
         residual = residual_by_route(flat_x, self.memory, token_routes, self.router.masks)
         out = out.clone()
@@ -69,16 +82,16 @@ class MemoirDownProj(nn.Module):
         flat_out[routed] = flat_out[routed] + residual[routed]
         return out
 
-    def _decide_routes(self, x: torch.Tensor) -> None:
-        mask, ids = self.pending_prompt_mask, self.pending_input_ids
-        self.pending_prompt_mask = self.pending_input_ids = None
+    def _decide_routes(self, x: torch.Tensor, call: RoutingCall) -> None:
+        mask, ids = call.prompt_mask, call.input_ids
+        call.prompt_mask = call.input_ids = None
         if not self.route_span.whole_prompt:
             if ids is None:
                 raise ValueError("routing on the last user message needs the forward's input_ids (not inputs_embeds)")
             mask = self.route_span.mask(ids, mask)
         features = aggregate_prompt_feature(x, mask, self.router.aggregation, self.router.background_mean)
-        self.decisions = self.router.route_features(features)
-        self.routes = torch.tensor([d.route for d in self.decisions], dtype=torch.int64)
+        call.decisions = self.router.route_features(features)
+        call.routes = torch.tensor([d.route for d in call.decisions], dtype=torch.int64)
 
 
 @dataclass
@@ -111,25 +124,18 @@ class MemoirHFModel:
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
         target = get_submodule(model, module_path)
-        if isinstance(target, MemoirDownProj):
+        if isinstance(target, ReferenceMemoirDownProj):
             self.layer = target
         else:
             if not isinstance(target, nn.Linear):
                 raise ValueError(f"{module_path} is a {type(target).__name__}, expected a Linear down_proj")
-            self.layer = MemoirDownProj(target)
+            self.layer = ReferenceMemoirDownProj(target)
             parent_path, _, child = module_path.rpartition(".")
             setattr(get_submodule(model, parent_path), child, self.layer)
         for param in model.parameters():
             param.requires_grad_(False)
         self.artifact: MemoirArtifact | None = None
         self.use_chat_template = False
-        # The routing span needs the token ids of the forward that decides the routes; the
-        # input embedding sees them whoever calls the model (generate, tests, benchmarks).
-        model.get_input_embeddings().register_forward_pre_hook(self._see_input_ids)
-
-    def _see_input_ids(self, _module, args) -> None:
-        if self.layer.pending_prompt_mask is not None and args:
-            self.layer.pending_input_ids = args[0]
 
     @classmethod
     def from_pretrained(
@@ -159,16 +165,18 @@ class MemoirHFModel:
         return base_fingerprint(self.layer.base.weight, self.model.config.to_dict())
 
     def load(self, artifact: MemoirArtifact) -> None:
-        """Put an artifact's memory and masks in place, after checking it fits this model."""
+        """Put an artifact's memory and masks in place, after checking it fits this model
+        (core.compatibility: the checks the server runs at start-up, TP 1)."""
         manifest = artifact.manifest
         if manifest.module_path != self.module_path:
             raise ValueError(f"artifact edits {manifest.module_path}, this model wraps {self.module_path}")
-        if tuple(artifact.memory.shape) != tuple(self.layer.base.weight.shape):
+        where = f"artifact for {manifest.base_model}"
+        check_artifact_fits_model(manifest, self.model.config.to_dict(), self.layer.base.weight.dtype, where=where)
+        check_fingerprint(manifest, self.fingerprint(), where)
+        if tuple(artifact.memory.shape) != tuple(self.layer.base.weight.shape):  # an artifact built in memory
             raise ValueError(
                 f"artifact memory shape {tuple(artifact.memory.shape)} != down_proj weight {tuple(self.layer.base.weight.shape)}"
             )
-        if manifest.base_fingerprint != self.fingerprint():
-            raise ValueError(f"artifact was made for another base model ({manifest.base_model})")
         device = self.layer.base.weight.device
         self.layer.memory.data = artifact.memory.to(device, torch.float32).clone()
         self.layer.router = EditRouter(artifact, device)
@@ -202,11 +210,25 @@ class MemoirHFModel:
         finally:
             self.layer.router = router
 
-    def _start_routing(self, prompt_mask: torch.Tensor) -> None:
-        self.layer.routes = None
-        self.layer.decisions = []
-        self.layer.pending_input_ids = None
-        self.layer.pending_prompt_mask = prompt_mask if self.layer.router is not None else None
+    @contextmanager
+    def routing(self, prompt_mask: torch.Tensor):
+        """Route the forwards of `self.model` inside: the first decides each row's route from its
+        positions in `prompt_mask` [B, T] (narrowed to the routing span), later ones (generated
+        tokens) reuse it. Yields the RoutingCall, whose `decisions` hold the routes once the
+        first forward has run; outside the block the layer is the base layer again.
+        """
+        if self.layer.call is not None:
+            raise RuntimeError("MemoirHFModel.routing() calls do not nest")
+        call = RoutingCall(prompt_mask)
+        # The routing span needs the deciding forward's token ids: the input embedding sees
+        # them whoever calls the model (forward or generate).
+        hook = self.model.get_input_embeddings().register_forward_pre_hook(partial(_see_input_ids, call))
+        self.layer.call = call
+        try:
+            yield call
+        finally:
+            self.layer.call = None
+            hook.remove()
 
     # --- tokenization ---------------------------------------------------------------------
 
@@ -242,7 +264,9 @@ class MemoirHFModel:
             raise ValueError(f"cannot split {prompt!r} + {target!r} into prompt and target tokens")
         return prompt_ids, full[len(prompt_ids):]
 
-    def _pad(self, rows: list[list[int]], left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def pad(self, rows: list[list[int]], left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input_ids, attention_mask) [B, T] of token-id rows, padded on the left (for
+        generation) or right, on this model's device."""
         width = max(len(r) for r in rows)
         pad = self.tokenizer.pad_token_id
         ids = torch.full((len(rows), width), pad, dtype=torch.long)
@@ -265,10 +289,33 @@ class MemoirHFModel:
         """route() for prompts given as token ids (e.g. a whole conversation, templated)."""
         if self.layer.router is None:
             return [RouteDecision(NO_ROUTE, NO_ROUTE, 0.0) for _ in prompts]
-        ids, attention = self._pad(prompts, left=False)
-        self._start_routing(attention.bool())
-        self.model(input_ids=ids, attention_mask=attention, use_cache=False)
-        return list(self.layer.decisions)
+        ids, attention = self.pad(prompts, left=False)
+        with self.routing(attention.bool()) as call:
+            self.model(input_ids=ids, attention_mask=attention, use_cache=False)
+        return list(call.decisions)
+
+    @torch.no_grad()
+    def prompt_features(self, prompts: list[str], aggregation: str = "mean", background: torch.Tensor | None = None,
+                        batch_size: int = 16) -> torch.Tensor:
+        """[N, D] float32 prompt features (on the CPU) at the edited layer, routing off: each
+        prompt's base down_proj inputs over its routing span, aggregated as `aggregation` says
+        (core.aggregate_prompt_feature; `background` for 'mean_decentered')."""
+        if not prompts:
+            raise ValueError("prompt features need at least one prompt")
+        captured: list[torch.Tensor] = []
+        handle = self.layer.base.register_forward_hook(lambda _m, args, _out: captured.append(args[0]))
+        features = []
+        try:
+            with self.routing_off():
+                for start in range(0, len(prompts), batch_size):
+                    ids, attention = self.pad([self.prompt_ids(p) for p in prompts[start:start + batch_size]])
+                    captured.clear()
+                    self.model(input_ids=ids, attention_mask=attention, use_cache=False)
+                    mask = self.route_mask(ids, attention.bool())
+                    features.append(aggregate_prompt_feature(captured[0], mask, aggregation, background).cpu())
+        finally:
+            handle.remove()
+        return torch.cat(features)
 
     @torch.no_grad()
     def score(self, prompts: list[str], targets: list[str]) -> list[ScoredRow]:
@@ -278,12 +325,12 @@ class MemoirHFModel:
     @torch.no_grad()
     def score_ids(self, split: list[tuple[list[int], list[int]]]) -> list[ScoredRow]:
         """score() for (prompt ids, target ids) pairs."""
-        ids, attention = self._pad([p + t for p, t in split], left=False)
+        ids, attention = self.pad([p + t for p, t in split], left=False)
         prompt_mask = torch.zeros_like(attention, dtype=torch.bool)
         for i, (p, _) in enumerate(split):
             prompt_mask[i, : len(p)] = True
-        self._start_routing(prompt_mask)
-        logits = self.model(input_ids=ids, attention_mask=attention, use_cache=False).logits.float()
+        with self.routing(prompt_mask):
+            logits = self.model(input_ids=ids, attention_mask=attention, use_cache=False).logits.float()
         logprobs = torch.log_softmax(logits, dim=-1)
         rows = []
         for i, (p, t) in enumerate(split):
@@ -301,17 +348,17 @@ class MemoirHFModel:
     @torch.no_grad()
     def generate(self, prompts: list[str], max_new_tokens: int = 16, stop_at_eos: bool = True) -> list[list[int]]:
         """Greedy continuation token ids per prompt (left-padded batch, per-row routes)."""
-        ids, attention = self._pad([self.prompt_ids(p) for p in prompts], left=True)
-        self._start_routing(attention.bool())
-        out = self.model.generate(
-            input_ids=ids,
-            attention_mask=attention,
-            max_new_tokens=max_new_tokens,
-            min_new_tokens=0 if stop_at_eos else max_new_tokens,
-            do_sample=False,
-            pad_token_id=self.tokenizer.pad_token_id,
-            eos_token_id=self.tokenizer.eos_token_id if stop_at_eos else None,
-        )
+        ids, attention = self.pad([self.prompt_ids(p) for p in prompts], left=True)
+        with self.routing(attention.bool()):
+            out = self.model.generate(
+                input_ids=ids,
+                attention_mask=attention,
+                max_new_tokens=max_new_tokens,
+                min_new_tokens=0 if stop_at_eos else max_new_tokens,
+                do_sample=False,
+                pad_token_id=self.tokenizer.pad_token_id,
+                eos_token_id=self.tokenizer.eos_token_id if stop_at_eos else None,
+            )
         new = out[:, ids.shape[1]:].tolist()
         eos = self.tokenizer.eos_token_id
         result = []
@@ -332,15 +379,20 @@ class MemoirHFModel:
         bad = []
         for first in range(0, len(rows), chunk):
             part = rows[first:first + chunk]
-            ids, attention = self._pad([p + c for p, c in part], left=False)
+            ids, attention = self.pad([p + c for p, c in part], left=False)
             prompt_mask = torch.zeros_like(attention, dtype=torch.bool)
             for i, (p, _) in enumerate(part):
                 prompt_mask[i, : len(p)] = True
-            self._start_routing(prompt_mask)
-            predicted = self.model(input_ids=ids, attention_mask=attention, use_cache=False).logits.argmax(-1)
+            with self.routing(prompt_mask):
+                predicted = self.model(input_ids=ids, attention_mask=attention, use_cache=False).logits.argmax(-1)
             bad += [first + i for i, (p, c) in enumerate(part)
                     if predicted[i, len(p) - 1: len(p) - 1 + len(c)].tolist() != c]
         return bad
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def _see_input_ids(call: RoutingCall, _module, args) -> None:
+    if call.prompt_mask is not None and args:
+        call.input_ids = args[0]

@@ -15,11 +15,11 @@ from edit_tools.hf_model import MemoirHFModel
 @torch.no_grad()
 def greedy_ids(hf: MemoirHFModel, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
     """Greedy continuations (EOS ignored), batched with left padding and per-row routes."""
-    ids, attention = hf._pad(prompts, left=True)
-    hf._start_routing(attention.bool())
-    out = hf.model.generate(input_ids=ids, attention_mask=attention, max_new_tokens=max_new_tokens,
-                            min_new_tokens=max_new_tokens, do_sample=False,
-                            pad_token_id=hf.tokenizer.pad_token_id, eos_token_id=None)
+    ids, attention = hf.pad(prompts, left=True)
+    with hf.routing(attention.bool()):
+        out = hf.model.generate(input_ids=ids, attention_mask=attention, max_new_tokens=max_new_tokens,
+                                min_new_tokens=max_new_tokens, do_sample=False,
+                                pad_token_id=hf.tokenizer.pad_token_id, eos_token_id=None)
     return out[:, ids.shape[1]:].tolist()
 
 
@@ -29,8 +29,8 @@ def token_logprobs(hf: MemoirHFModel, prompt: list[int], completion: list[int]) 
     ids = torch.tensor([prompt + completion], device=hf.device)
     prompt_mask = torch.zeros_like(ids, dtype=torch.bool)
     prompt_mask[0, : len(prompt)] = True
-    hf._start_routing(prompt_mask)
-    logits = hf.model(input_ids=ids, use_cache=False).logits.float()
+    with hf.routing(prompt_mask):
+        logits = hf.model(input_ids=ids, use_cache=False).logits.float()
     logprobs = torch.log_softmax(logits[0], dim=-1)
     positions = torch.arange(len(prompt) - 1, len(prompt) - 1 + len(completion))
     return logprobs[positions, torch.tensor(completion)].tolist()
@@ -95,10 +95,14 @@ def assert_parity(reference: MemoirHFModel, client, prompts: list, max_tokens: l
     print(f"parity: {len(prompts)}/{len(prompts)} greedy completions token-identical (concurrency {concurrency})")
 
 
-@torch.no_grad()
-def route_ids(hf: MemoirHFModel, prompts: list[list[int]]):
-    """The reference's routing decision for prompts given as token ids."""
-    ids, attention = hf._pad(prompts, left=False)
-    hf._start_routing(attention.bool())
-    hf.model(input_ids=ids, attention_mask=attention, use_cache=False)
-    return list(hf.layer.decisions)
+def speed_features_server(model_dir, artifact_dir, log, *, max_model_len: int, block_size: int,
+                          batched_tokens: int, gpu_blocks: int):
+    """A compiled server with vLLM's defaults (prefix caching, chunked prefill), a token budget
+    small enough that prompts split into chunks and blocks small enough that prefixes get
+    cached; routing decisions logged at debug level."""
+    from vllm_memoir.server_process import VllmServer, memoir_overrides
+
+    args = ["--dtype", "float32", "--max-model-len", str(max_model_len), "--block-size", str(block_size),
+            "--max-num-batched-tokens", str(batched_tokens), "--max-num-seqs", "16",
+            "--num-gpu-blocks-override", str(gpu_blocks), *memoir_overrides(artifact_dir)]
+    return VllmServer(model_dir, args, log, env={"MEMOIR_LOG_LEVEL": "DEBUG"})

@@ -179,7 +179,7 @@ def test_unusable_paths_get_one_bounded_line(tmp_path):
 # --- versions: one per published state, not one per checkpoint -------------------------------------
 
 def _checkpoint(artifact: MemoirArtifact, directory, done: int, total: int, digest: str = "d1", first_row: int = 0):
-    artifact.manifest.hparams["job"] = {"data_sha256": digest, "first_row": first_row, "done": done, "total": total}
+    artifact.manifest.job = {"data_sha256": digest, "first_row": first_row, "done": done, "total": total}
     save_artifact(artifact, directory)
     return read_manifest(directory)
 
@@ -211,9 +211,25 @@ def test_another_job_over_an_unfinished_one_is_a_new_version(tmp_path):
     # A save with no job (a persisted flag) is always a new version.
     assert _checkpoint(make_artifact(3), tmp_path, 3, 3, digest="other").version == 2
     plain = load_artifact(tmp_path)
-    plain.manifest.hparams.pop("job")
+    plain.manifest.job = {}
     save_artifact(plain, tmp_path)
     assert read_manifest(tmp_path).version == 3
+
+
+def test_old_manifests_with_the_job_in_hparams_read_and_resume(tmp_path):
+    """Manifests written before the `job` field kept the edit job's progress in hparams["job"]:
+    they read the same, and the next checkpoint of that job stays in its version."""
+    _checkpoint(make_artifact(3), tmp_path, 1, 3)
+    path = tmp_path / "manifest.json"
+    obj = json.loads(path.read_text())
+    job = obj.pop("job")
+    obj["hparams"] = {**obj["hparams"], "job": job}
+    path.write_text(json.dumps(obj))
+    old = read_manifest(tmp_path)
+    assert old.job == job and "job" not in old.hparams and artifact_module.unfinished_job(old.job) == job
+    assert _checkpoint(load_artifact(tmp_path), tmp_path, 2, 3).version == 1
+    written = json.loads(path.read_text())
+    assert written["job"]["done"] == 2 and "job" not in written["hparams"]
 
 
 # --- file modes -----------------------------------------------------------------------------------

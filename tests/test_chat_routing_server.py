@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from plugin_reference import greedy_ids, served_client
+from plugin_reference import greedy_ids, served_client, speed_features_server
 
 from edit_tools.chat_models import LONG_SYSTEM_PROMPT, SHORT_SYSTEM_PROMPT, build_chat_llama, messages
 from edit_tools.datasets import EditRequest
@@ -24,7 +24,7 @@ from edit_tools.editor import run_edit_job
 from edit_tools.hf_model import MemoirHFModel
 from edit_tools.hparams import MemoirHyperParams
 from vllm_memoir.core import load_artifact, save_artifact
-from vllm_memoir.server_process import VllmServer, memoir_overrides, metric_value
+from vllm_memoir.server_process import metric_value
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
@@ -119,12 +119,9 @@ def chosen(records, reference, threshold):
 
 @pytest.fixture(scope="module")
 def server(chat_model_dir, artifact_dir, tmp_path_factory):
-    # vLLM's defaults otherwise: prefix caching and chunked prefill on, compiled.
-    args = ["--dtype", "float32", "--max-model-len", "512", "--block-size", str(BLOCK),
-            "--max-num-batched-tokens", "64", "--max-num-seqs", "16", "--num-gpu-blocks-override", "96",
-            *memoir_overrides(artifact_dir)]
     log = tmp_path_factory.mktemp("logs") / "chat-routing.log"
-    with VllmServer(chat_model_dir, args, log, env={"MEMOIR_LOG_LEVEL": "DEBUG"}) as running:
+    with speed_features_server(chat_model_dir, artifact_dir, log, max_model_len=512, block_size=BLOCK,
+                               batched_tokens=64, gpu_blocks=96) as running:
         print(f"compiled chat server with prefix caching + chunked prefill: start-up {running.startup_seconds:.0f} s")
         yield running
 

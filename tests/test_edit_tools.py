@@ -47,15 +47,30 @@ def test_one_edit_gives_rel_one(tiny_model_dir, words_dataset, tmp_path):
     assert hf.decode(generated) == request.target
 
 
+def test_manifest_stores_each_setting_once_and_the_job_apart(edited, tiny_model_dir, words_dataset):
+    out, _ = edited
+    stored = json.loads((out / "manifest.json").read_text())
+    memoir = stored["hparams"]["memoir"]
+    assert not {"inner_params", "top_k", "irr_threshold", "prompt_feature_agg", "routing_span"} & set(memoir)
+    assert stored["top_k"] == 128 and stored["irr_threshold"] == 0.6 and memoir["n_iter"] == 8
+    assert stored["job"]["done"] == stored["job"]["total"] == 6 and "job" not in stored["hparams"]
+    # Appending checks the top-level fields (the only copy) against the hyperparameters, changing nothing.
+    before = (out / "manifest.json").read_bytes()
+    with pytest.raises(EditJobError, match="artifact has top_k=128, the hyperparameters say 64"):
+        run_edit_job(tiny_model_dir, words_dataset, hparams(top_k=64), out, append=True, limit=1, progress=False)
+    assert (out / "manifest.json").read_bytes() == before
+
+
 def test_unrouted_prompt_logits_are_bit_identical_to_base(edited, tiny_model_dir):
     out, _ = edited
     hf = MemoirHFModel.from_pretrained(tiny_model_dir, artifact=out)
     unrelated = ["the river of w300 is w301 .", "Q : what is the capital of w9 ?"]
     decisions = hf.route(unrelated)
     assert not any(d.routed for d in decisions), decisions
-    ids, attention = hf._pad([hf.prompt_ids(p) for p in unrelated], left=False)
-    hf._start_routing(attention.bool())
-    routed_logits = hf.model(input_ids=ids, attention_mask=attention).logits
+    ids, attention = hf.pad([hf.prompt_ids(p) for p in unrelated], left=False)
+    with hf.routing(attention.bool()) as call:
+        routed_logits = hf.model(input_ids=ids, attention_mask=attention).logits
+    assert [d.route for d in call.decisions] == [-1, -1]  # the forward did route (and routed nowhere)
     base = MemoirHFModel.from_pretrained(tiny_model_dir, module_path=out and hf.module_path)
     base_logits = base.model(input_ids=ids, attention_mask=attention).logits
     assert torch.equal(routed_logits, base_logits)

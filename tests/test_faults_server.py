@@ -18,7 +18,7 @@ import time
 
 import openai
 import pytest
-from plugin_reference import route_ids, served_client, served_token_ids, split_clear_of_threshold
+from plugin_reference import served_client, served_token_ids, split_clear_of_threshold
 from served_edits import COMMON, MARGIN, THRESHOLD, clear_prompts, edit
 
 from edit_tools.hf_model import MemoirHFModel
@@ -248,7 +248,7 @@ def test_prompts_near_and_over_max_model_len(server, reference, prompts, alone):
         near.append(ids[:1] + filler[: MAX_MODEL_LEN - 8 - len(ids)] + ids[1:])  # 248 tokens, then 8 generated
     near.append(reference.prompt_ids(prompts["routed"][0]) * (MAX_MODEL_LEN // len(reference.prompt_ids(prompts["routed"][0]))))
     near[-1] = near[-1][: MAX_MODEL_LEN - 1]  # 255 prompt tokens + 1 generated = max_model_len
-    decisions = route_ids(reference, near)
+    decisions = reference.route_ids(near)
     kept = [ids for ids, d in zip(near, decisions) if abs(d.overlap - THRESHOLD) >= MARGIN]
     assert len(kept) >= 4
     jobs = [(ids, MAX_MODEL_LEN - len(ids)) for ids in kept]

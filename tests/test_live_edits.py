@@ -190,7 +190,7 @@ def _served_artifact(directory: Path, **job) -> tuple[Path, FakeWorkers]:
 
     artifact = make_artifact(3)
     if job:
-        artifact.manifest.hparams["job"] = {"data_sha256": "d", "first_row": 0, **job}
+        artifact.manifest.job = {"data_sha256": "d", "first_row": 0, **job}
     save_artifact(artifact, directory)
     return directory, FakeWorkers(directory)
 
@@ -231,7 +231,7 @@ def test_refused_persist_into_another_checkpoint_of_the_same_version(tmp_path):
     control = EditControl(workers)
     later = load_artifact(path)
     later.memory += 1.0
-    later.manifest.hparams["job"]["done"] = 4
+    later.manifest.job["done"] = 4
     save_artifact(later, path)
     assert read_manifest(path).version == 1
     before, on_disk = _run(control.state()), _snapshot(path)

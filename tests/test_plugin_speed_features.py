@@ -12,12 +12,12 @@ from __future__ import annotations
 import json
 
 import pytest
-from plugin_reference import (assert_parity, complete, greedy_ids, route_ids, served_client,
+from plugin_reference import (assert_parity, complete, greedy_ids, served_client, speed_features_server,
                               split_clear_of_threshold)
 from served_edits import MARGIN, THRESHOLD, edit
 
 from edit_tools.hf_model import MemoirHFModel
-from vllm_memoir.server_process import VllmServer, memoir_overrides, metric_value
+from vllm_memoir.server_process import metric_value
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
@@ -68,12 +68,9 @@ def prompts(edit_set, reference):
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, artifact_dir, tmp_path_factory):
-    # No --no-enable-* flags: prefix caching and chunked prefill are vLLM's defaults.
-    args = ["--dtype", "float32", "--max-model-len", "256", "--block-size", str(BLOCK),
-            "--max-num-batched-tokens", "48", "--max-num-seqs", "16", "--num-gpu-blocks-override", "24",
-            *memoir_overrides(artifact_dir)]
     log = tmp_path_factory.mktemp("logs") / "speed-features.log"
-    with VllmServer(tiny_model_dir, args, log, env={"MEMOIR_LOG_LEVEL": "DEBUG"}) as running:
+    with speed_features_server(tiny_model_dir, artifact_dir, log, max_model_len=256, block_size=BLOCK,
+                               batched_tokens=48, gpu_blocks=24) as running:
         print(f"compiled server with prefix caching + chunked prefill: start-up {running.startup_seconds:.0f} s")
         yield running
 
@@ -119,7 +116,7 @@ def test_multi_turn_resends_the_routed_answer_as_prompt(server, reference, edit_
                 # the follow-up said three times, so that it, not turn 1, decides turn 2's route
                 follow_up = reference.tokenizer(" " + " ".join([second["prompt"]] * 3), add_special_tokens=False)
                 conversations.append(prompt_ids + answer_ids + follow_up["input_ids"])
-    decisions = route_ids(reference, conversations)
+    decisions = reference.route_ids(conversations)
     # The random model's long prompts overlap the stored masks near the threshold; a float-level
     # difference moves a mask by a bit or two (1/128 each), so 0.02 keeps three bits clear.
     clear = [(ids, d.routed) for ids, d in zip(conversations, decisions) if abs(d.overlap - THRESHOLD) >= 0.02]

@@ -269,6 +269,6 @@ def test_default_span_leaves_the_reference_unchanged(chat_model_dir):
     from edit_tools.hf_model import MemoirHFModel
 
     hf = MemoirHFModel.from_pretrained(chat_model_dir, module_path="model.layers.3.mlp.down_proj")
-    ids, attention = hf._pad([hf.chat_ids(messages("who is the employer ?", SHORT_SYSTEM_PROMPT)), [1, 5]], left=True)
+    ids, attention = hf.pad([hf.chat_ids(messages("who is the employer ?", SHORT_SYSTEM_PROMPT)), [1, 5]], left=True)
     assert torch.equal(hf.route_mask(ids, attention.bool()), attention.bool())  # every prompt token
     assert hf.prompt_ids("who is") == hf.tokenizer("who is")["input_ids"]  # plain text unless the artifact says so

@@ -224,7 +224,7 @@ async def persist_enabled_flags(served: dict[str, Any], changes: dict[int, bool]
             raise EditControlError(409, f"{shown_path(path)} is at version {on_disk.version} on disk (memory sha256 "
                                         f"{artifact_sha256(on_disk)[:12]}) but the server serves version "
                                         f"{served_version} ({(served_sha or '?')[:12]}); POST the artifact first")
-        job = unfinished_job(on_disk.hparams)
+        job = unfinished_job(on_disk.job)
         if job is not None:
             raise EditControlError(409, f"{shown_path(path)} is a checkpoint of an edit job ({job['done']} of "
                                         f"{job['total']} edits done): persist once the job has finished")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,12 +15,12 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from vllm_memoir.core import ArtifactManifest, base_fingerprint, read_manifest
+from vllm_memoir.core import ArtifactError, ArtifactManifest, base_fingerprint, read_manifest
+from vllm_memoir.core import compatibility
+# The artifact's identity and the deployment's pin keys live in core; re-exported for the plugin's modules.
+from vllm_memoir.core.compatibility import EXPECTED_SHA256_KEY, EXPECTED_VERSION_KEY, artifact_sha256  # noqa: F401
 
 logger = logging.getLogger(__name__)
-
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_DOWN_PROJ_PATH = re.compile(r"^(?:model\.)?layers\.(?P<layer>\d+)\.mlp\.down_proj$")
 
 
 # The vLLM release whose internals (runners, attention metadata, custom ops) the plugin is
@@ -148,66 +147,21 @@ class ServedModel:
 
 
 def check_artifact_fits(manifest: ArtifactManifest, model: ServedModel, where: Path) -> None:
-    """Shapes, layer, dtype and TP divisibility; the fingerprint is checked on load."""
-    cfg = model.config
-    match = _DOWN_PROJ_PATH.match(manifest.module_path)
-    if match is None:
-        raise MemoirConfigError(f"{where}: module_path {manifest.module_path!r} is not a decoder layer's mlp.down_proj")
-    if int(match["layer"]) != manifest.layer_index:
-        raise MemoirConfigError(f"{where}: module_path {manifest.module_path!r} disagrees with layer_index {manifest.layer_index}")
-    num_layers = cfg.get("num_hidden_layers")
-    if not 0 <= manifest.layer_index < num_layers:
-        raise MemoirConfigError(f"{where}: layer_index {manifest.layer_index} is outside the served model's {num_layers} layers")
-    for field in ("hidden_size", "intermediate_size"):
-        if getattr(manifest, field) != cfg.get(field):
-            raise MemoirConfigError(f"{where}: {field} {getattr(manifest, field)} != the served model's {cfg.get(field)}")
-    if model.dtype not in _FLOAT_DTYPES:
-        raise MemoirConfigError(f"{where}: the memory cannot be cast to the served dtype {model.dtype}")
+    """Shapes, layer, dtype and TP divisibility (core.compatibility); the fingerprint is checked on load."""
+    try:
+        compatibility.check_artifact_fits_model(manifest, model.config, model.dtype, model.tp_size, where)
+    except ArtifactError as exc:
+        raise MemoirConfigError(str(exc)) from exc
     if manifest.dtype == "float32" and model.dtype != torch.float32:
         logger.info("MEMOIR: memory stored as float32 is cast to the served dtype %s", model.dtype)
-    if manifest.intermediate_size % model.tp_size:
-        raise MemoirConfigError(
-            f"{where}: intermediate_size {manifest.intermediate_size} does not split over {model.tp_size} tensor-parallel ranks"
-        )
-
-
-# Optional --hf-overrides keys pinning the artifact a deployment expects (see deploy/README.md):
-# every replica compares them with the manifest it reads and refuses to start on a mismatch,
-# so replicas never serve a mix of artifact versions silently.
-EXPECTED_VERSION_KEY = "memoir_expected_version"
-EXPECTED_SHA256_KEY = "memoir_expected_sha256"
-
-
-def artifact_sha256(manifest: ArtifactManifest) -> str:
-    """The artifact's content id: the manifest's checksum of its memory .safetensors file."""
-    return next((digest for name, digest in sorted(manifest.files.items()) if name.endswith(".safetensors")), "")
 
 
 def check_expected_artifact(manifest: ArtifactManifest, hf_config: Any, where: Path) -> None:
     """Refuse an artifact whose version or content differs from the deployment's pin (if any)."""
-    expected_version = getattr(hf_config, EXPECTED_VERSION_KEY, None)
-    if expected_version is not None:
-        try:
-            expected_version = int(expected_version)
-        except (TypeError, ValueError):
-            raise MemoirConfigError(f"{EXPECTED_VERSION_KEY} must be an integer artifact version, got {expected_version!r}") from None
-        if manifest.version != expected_version:
-            raise MemoirConfigError(
-                f"{where}: artifact version {manifest.version} != the deployment's {EXPECTED_VERSION_KEY} "
-                f"{expected_version} (this replica sees another artifact version than the deployment pinned; "
-                "update the pin or the artifact path)"
-            )
-    expected_sha = getattr(hf_config, EXPECTED_SHA256_KEY, None)
-    if expected_sha is not None:
-        expected_sha = str(expected_sha).strip().lower()
-        if len(expected_sha) < 12:
-            raise MemoirConfigError(f"{EXPECTED_SHA256_KEY} must be at least 12 hex digits of the memory file's sha256")
-        actual = artifact_sha256(manifest)
-        if not actual.startswith(expected_sha):
-            raise MemoirConfigError(
-                f"{where}: memory file sha256 {actual[:16]}... does not match the deployment's {EXPECTED_SHA256_KEY} "
-                f"{expected_sha[:16]}... (artifact version {manifest.version}; another artifact than the deployment pinned)"
-            )
+    try:
+        compatibility.check_expected_artifact(manifest, hf_config, where)
+    except ArtifactError as exc:
+        raise MemoirConfigError(str(exc)) from exc
 
 
 def read_checkpoint_tensor(model_dir: Path, name: str) -> torch.Tensor:
@@ -236,8 +190,6 @@ def served_fingerprint(manifest: ArtifactManifest, model: ServedModel) -> str:
 
 
 def load_manifest(path: Path) -> ArtifactManifest:
-    from vllm_memoir.core import ArtifactError
-
     try:
         return read_manifest(path)
     except ArtifactError as exc:
@@ -246,9 +198,7 @@ def load_manifest(path: Path) -> ArtifactManifest:
 
 def check_base_fingerprint(manifest: ArtifactManifest, model: ServedModel, where: Path) -> None:
     """The artifact was made on this checkpoint (what load_artifact checks, without reading the memory)."""
-    served = served_fingerprint(manifest, model)
-    if manifest.base_fingerprint != served:
-        raise MemoirConfigError(
-            f"{where}: made for a different base model (fingerprint {manifest.base_fingerprint[:12]}..., "
-            f"this model's is {served[:12]}...; artifact base_model={manifest.base_model!r})"
-        )
+    try:
+        compatibility.check_fingerprint(manifest, served_fingerprint(manifest, model), where)
+    except ArtifactError as exc:
+        raise MemoirConfigError(str(exc)) from exc

@@ -13,8 +13,9 @@ device named like an artifact file is refused, not waited on).
 
 Versions count published states, not saves: an edit job checkpoints every few edits, and
 all checkpoints of one job share the version the job started (a fresh artifact is version 1
-however many checkpoints its job wrote). The job records its progress in
-hparams["job"] = {data_sha256, first_row, done, total}; while done < total the files are
+however many checkpoints its job wrote). The job records its progress in the manifest's
+`job` field = {data_sha256, first_row, done, total} (manifests written before that field
+kept it in hparams["job"]; they read the same); while done < total the files are
 named memoir-vN.partD.safetensors / edits-vN.partD.jsonl (D edits done), so a checkpoint
 never overwrites a file the manifest on disk names.
 """
@@ -96,15 +97,19 @@ class ArtifactManifest:
     # manifests, which read as "prompt" (every prompt token, the reference's rule).
     routing_span: str = "prompt"
     routing_span_markers: dict[str, list[int]] = field(default_factory=dict)
+    # The progress of the edit job that wrote this version, {data_sha256, first_row, done,
+    # total} (see unfinished_job); empty when no edit job wrote it.
+    job: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_json(cls, obj: dict[str, Any], where: str) -> "ArtifactManifest":
         version = obj.get("format_version")
         if version != FORMAT_VERSION:
             raise ArtifactError(f"{where}: unknown format_version {version!r} (this build reads {FORMAT_VERSION})")
+        obj = _job_out_of_hparams(obj)
         names = {f.name for f in dataclasses.fields(cls)}
         missing = sorted(n for n in names if n not in obj and n not in ("hparams", "files", "num_edits", "version",
-                                                                           "routing_span", "routing_span_markers"))
+                                                                           "routing_span", "routing_span_markers", "job"))
         if missing:
             raise ArtifactError(f"{where}: missing fields {missing}")
         unknown = sorted(set(obj) - names)
@@ -134,10 +139,19 @@ _FIELD_TYPES = {
     "base_model": str, "base_fingerprint": str, "module_path": str, "dtype": str, "aggregation": str,
     "layer_index": int, "hidden_size": int, "intermediate_size": int, "top_k": int, "num_edits": int,
     "version": int, "format_version": int, "irr_threshold": float, "hparams": dict, "files": dict,
-    "routing_span": str, "routing_span_markers": dict,
+    "routing_span": str, "routing_span_markers": dict, "job": dict,
 }
 _TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", dict: "an object"}
 _REQUIRED_TENSORS = ("memory", "masks", "permutation")
+
+
+def _job_out_of_hparams(obj: dict[str, Any]) -> dict[str, Any]:
+    """A manifest's JSON with the edit job's progress in its own field: manifests written before
+    the field existed kept it in hparams["job"]."""
+    hparams = obj.get("hparams")
+    if "job" in obj or not isinstance(hparams, dict) or "job" not in hparams:
+        return obj
+    return {**obj, "hparams": {k: v for k, v in hparams.items() if k != "job"}, "job": hparams["job"]}
 
 
 def _check_field_types(obj: dict[str, Any], where: str) -> None:
@@ -298,10 +312,9 @@ def _write_atomic(path: Path, write) -> None:
         raise
 
 
-def unfinished_job(hparams: dict[str, Any]) -> dict[str, Any] | None:
-    """The edit job recorded in a manifest's hparams, when it has edits still to do (a
-    checkpoint of a job that is running, or was stopped and can be resumed)."""
-    job = hparams.get("job") if isinstance(hparams, dict) else None
+def unfinished_job(job: Any) -> dict[str, Any] | None:
+    """A manifest's `job`, when it has edits still to do (a checkpoint of a job that is
+    running, or was stopped and can be resumed)."""
     if isinstance(job, dict) and isinstance(job.get("done"), int) and job["done"] < job.get("total", 0):
         return job
     return None
@@ -311,8 +324,8 @@ def _next_version(manifest: ArtifactManifest, previous: dict[str, Any] | None) -
     """The version a save publishes: the one on disk when the save continues the unfinished job
     saved there (same data, same first row), else one past the newest known."""
     on_disk = previous.get("version", 0) if previous else 0
-    running = unfinished_job(previous.get("hparams", {})) if previous else None
-    job = manifest.hparams.get("job")
+    running = unfinished_job(_job_out_of_hparams(previous).get("job")) if previous else None
+    job = manifest.job
     if running is not None and isinstance(job, dict) and isinstance(on_disk, int) and manifest.version <= on_disk \
             and all(job.get(key) == running.get(key) for key in ("data_sha256", "first_row")):
         return on_disk
@@ -321,7 +334,7 @@ def _next_version(manifest: ArtifactManifest, previous: dict[str, Any] | None) -
 
 def _file_names(manifest: ArtifactManifest, version: int, taken: set[str]) -> tuple[str, str]:
     """This save's tensors and edits file names, none of them one the manifest on disk names."""
-    job = unfinished_job(manifest.hparams)
+    job = unfinished_job(manifest.job)
     stem = f"v{version}" if job is None else f"v{version}.part{job['done']}"
     candidates = (stem, *(f"{stem}.{n}" for n in range(1, len(taken) + 2)))
     stem = next(c for c in candidates if f"memoir-{c}.safetensors" not in taken and f"edits-{c}.jsonl" not in taken)
@@ -399,14 +412,12 @@ def read_manifest(directory: str | os.PathLike) -> ArtifactManifest:
 
 def load_artifact(directory: str | os.PathLike, expected_fingerprint: str | None = None) -> MemoirArtifact:
     """Load and validate an artifact; raises ArtifactError naming the file and problem."""
+    from .compatibility import check_fingerprint  # it imports this module
+
     directory = Path(directory)
     manifest = read_manifest(directory)
-    if expected_fingerprint is not None and manifest.base_fingerprint != expected_fingerprint:
-        raise ArtifactError(
-            f"{shown_path(directory / MANIFEST_NAME)}: made for a different base model (fingerprint "
-            f"{manifest.base_fingerprint[:12]}..., this model's is {expected_fingerprint[:12]}...; "
-            f"artifact base_model={manifest.base_model!r})"
-        )
+    if expected_fingerprint is not None:
+        check_fingerprint(manifest, expected_fingerprint, shown_path(directory / MANIFEST_NAME))
     tensors_name = next((n for n in manifest.files if n.endswith(".safetensors")), None)
     edits_name = next((n for n in manifest.files if n.endswith(".jsonl")), None)
     if tensors_name is None or edits_name is None:
