@@ -285,8 +285,10 @@ class MemoirDownProj(RowParallelLinear):
         self.block_sums.record(x[:num_tokens], layout.slot_mapping[:num_tokens])
         if self.span_sums is not None:
             routes = request_routes.active()
-            rows = [(layout.tokens(row)[0], layout.tokens(row)[1] - layout.tokens(row)[0], layout.first_position(row),
-                     routes.row_boundaries(row) if row < routes.num_rows else None) for row in range(layout.num_rows)]
+            spans = [layout.tokens(row) for row in range(layout.num_rows)]
+            rows = [(start, end - start, layout.first_position(row),
+                     routes.row_boundaries(row) if row < routes.num_rows else None)
+                    for row, (start, end) in enumerate(spans)]
             self.span_sums.record(x[:num_tokens], layout.slot_mapping[:num_tokens], rows)
 
     def _check_block_layout(self, layout: TokenLayout) -> None:

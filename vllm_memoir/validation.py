@@ -108,12 +108,8 @@ def routing_flags_for(layer_index: int, num_hidden_layers: int) -> list[str]:
 
 def prompt_splitting_features(vllm_config: Any) -> list[str]:
     """The engine features that let a prompt reach the edited layer in parts, as flags to turn off."""
-    features = []
-    if vllm_config.cache_config.enable_prefix_caching:
-        features.append("--no-enable-prefix-caching")
-    if vllm_config.scheduler_config.enable_chunked_prefill:
-        features.append("--no-enable-chunked-prefill")
-    return features
+    enabled = (vllm_config.cache_config.enable_prefix_caching, vllm_config.scheduler_config.enable_chunked_prefill)
+    return [flag for flag, on in zip(ROUTING_FLAGS, enabled) if on]
 
 
 def check_prompt_splitting(vllm_config: Any, manifest: ArtifactManifest, where: Path) -> None:
