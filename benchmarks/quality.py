@@ -3,7 +3,9 @@
 For each T, the edit tools apply the first T edits of data/facts/zsre-facts-T<T>.json one after
 another (edit_tools.editor.run_edit_job), then EasyEdit's lifelong protocol scores every edit
 on the final model (edit_tools.evaluate): Rel (edit prompt), Gen (held-out paraphrase), Loc
-(unrelated facts unchanged). Also measured: edits per minute of the edit job, and two
+(unrelated facts unchanged: another relation, another subject) and Loc-neighbour (the edit's
+own question about another subject unchanged). Also measured: how many edits took (their
+training met edit_loss_target; the artifact's edit records keep loss and steps), edits per minute of the edit job, and two
 diagnostics that separate the causes of a miss:
   - `own_mask`: Rel and Gen when each prompt is forced onto its own edit's mask. Low values
     mean the memory lost the edit (later edits overwrote shared columns, weight decay, no
@@ -14,6 +16,8 @@ diagnostics that separate the causes of a miss:
 
     python benchmarks/quality.py                      # T = 1,10,100,1000, configs/facts-llama.yaml
     python benchmarks/quality.py --sizes 10,100 --set edit_lr=20 --out /tmp/try
+    # the reference's step settings vs this tool's default step, the YAML's routing kept:
+    python benchmarks/quality.py --compare-steps --sizes 1,10 --model M --hparams H --data D --label NAME
 
 Writes <out>/quality.json, <out>/quality.png (Rel/Gen/Loc against T, log x, with the MEMOIR
 paper's Llama-3-8B ZsRE anchor) and <out>/quality_overlap_T<T>.png.
@@ -56,6 +60,45 @@ PAPER_ANCHOR = {1: (1.0, 1.0, 1.0), 1000: (0.94, 0.85, 1.0)}
 TARGETS_T1000 = {"rel": 0.95, "gen": 0.80, "loc": 0.99}
 
 
+ROUTING_KEYS = ("inner_params", "top_k", "irr_threshold", "prompt_feature_agg", "routing_span", "use_chat_template")
+STEP_SETTINGS = {
+    # The reference's step at the reference's defaults (edit_lr 1.0, n_iter 30, weight decay 1e-5 on all of W_m).
+    "reference defaults": {"update_rule": "reference"},
+    # This tool's default: the adaptive step (edit_tools/edit_step.py).
+    "default": {},
+}
+
+
+def step_hparams(path: Path, setting: str) -> MemoirHyperParams:
+    """The YAML's routing settings (layer, top_k, threshold, aggregation) and, for everything
+    about the step, STEP_SETTINGS[setting] over the defaults."""
+    obj = yaml.safe_load(Path(path).read_text()) or {}
+    routing = {key: obj[key] for key in ROUTING_KEYS if key in obj}
+    return MemoirHyperParams.from_dict({**routing, **STEP_SETTINGS[setting]}, f"{path} (routing keys) + {setting}")
+
+
+def compare_steps(args, data_for, limit_for) -> None:
+    """Rel/Gen/Loc/Loc-neighbour and edits/min per T for each STEP_SETTINGS entry; appends to quality_steps.json."""
+    path = args.out / "quality_steps.json"
+    rows = json.loads(path.read_text())["rows"] if path.exists() else []
+    sizes = [int(s) for s in args.sizes.split(",")]
+    for setting in STEP_SETTINGS:
+        hp = step_hparams(args.hparams, setting)
+        for size in sizes:
+            row = run_size(args.model, data_for(size), hp, args.work / f"{setting}-T{size}".replace(" ", "-"),
+                           limit=limit_for(size))
+            keep = ("T", "rel", "gen", "loc", "loc_neighbour", "own_mask", "took", "edits_per_minute", "edit_seconds")
+            rows = [r for r in rows if (r["label"], r["setting"], r["T"]) != (args.label, setting, size)]
+            rows.append({"label": args.label, "model": repo_relative(args.model), "hparams": repo_relative(args.hparams),
+                         "data": repo_relative(Path(args.data)), "setting": setting, "update_rule": hp.update_rule,
+                         **{key: row[key] for key in keep}})
+            path.write_text(json.dumps({"threads": args.threads, "rows": rows}, indent=2) + "\n")
+    print(f"\n{'model':<18} {'setting':<19} {'T':>5} {'Rel':>6} {'Gen':>6} {'Loc':>6} {'LocN':>6} {'took':>6} {'edits/min':>10}")
+    for r in rows:
+        print(f"{r['label']:<18} {r['setting']:<19} {r['T']:>5} {r['rel']:>6.3f} {_fmt(r['gen']):>6} {_fmt(r['loc']):>6} "
+              f"{_fmt(r['loc_neighbour']):>6} {_fmt(r['took'].get('share')):>6} {r['edits_per_minute']:>10.1f}")
+
+
 def load_hparams(path: Path, overrides: list[str]) -> MemoirHyperParams:
     """The YAML's hyperparameters with `key=value` overrides (values parsed as YAML)."""
     obj = yaml.safe_load(Path(path).read_text()) or {}
@@ -91,6 +134,16 @@ def own_mask_accuracy(hf: MemoirHFModel, artifact: MemoirArtifact, requests: lis
         finally:
             hf.layer.train_indices = None
     return {"rel": sum(rel) / len(rel), "gen": sum(gen) / len(gen) if gen else None}
+
+
+def edits_taken(artifact: MemoirArtifact) -> dict:
+    """Share of the edits whose training met its loss target, and their mean steps and loss."""
+    outcomes = [e.outcome for e in artifact.edits if e.outcome]
+    if not outcomes:
+        return {}
+    return {"share": sum(o["took"] for o in outcomes) / len(outcomes),
+            "mean_steps": round(sum(o["steps"] for o in outcomes) / len(outcomes), 2),
+            "mean_loss": round(sum(o["loss"] for o in outcomes) / len(outcomes), 5)}
 
 
 def overlap_summary(hf: MemoirHFModel, artifact: MemoirArtifact, requests: list[EditRequest]):
@@ -136,6 +189,9 @@ def run_size(model: Path, data: Path, hp: MemoirHyperParams, work: Path, limit: 
         "rel": metrics["post"]["rel"],
         "gen": metrics["post"]["gen"],
         "loc": metrics["post"]["loc"],
+        "loc_neighbour": metrics["post"].get("loc_neighbour"),
+        "update_rule": hp.update_rule,
+        "took": edits_taken(artifact),
         "pre": metrics["pre"],
         "routing": metrics["routing"],
         "own_mask": own_mask_accuracy(hf, artifact, requests),
@@ -149,10 +205,14 @@ def run_size(model: Path, data: Path, hp: MemoirHyperParams, work: Path, limit: 
         plot_histogram(dists, f"facts-llama: layer {hp.layer_index}, top_k {hp.top_k}, T={len(requests)}", histogram,
                        threshold=hp.irr_threshold)
         log.info("wrote %s", histogram)
-    log.info("T=%d: Rel %.3f Gen %.3f Loc %.3f (own mask: Rel %.3f Gen %.3f), %.1f edits/min",
-             row["T"], row["rel"], row["gen"], row["loc"], row["own_mask"]["rel"], row["own_mask"]["gen"] or 0.0,
-             row["edits_per_minute"])
+    log.info("T=%d: Rel %.3f Gen %.3f Loc %.3f Loc-neighbour %s (own mask: Rel %.3f Gen %.3f), took %s, %.1f edits/min",
+             row["T"], row["rel"], row["gen"], row["loc"], _fmt(row["loc_neighbour"]), row["own_mask"]["rel"],
+             row["own_mask"]["gen"] or 0.0, row["took"].get("share"), row["edits_per_minute"])
     return row
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 def threshold_sweep(model: Path, artifact_dir: Path, data: Path, thresholds: list[float]) -> list[dict]:
@@ -164,7 +224,8 @@ def threshold_sweep(model: Path, artifact_dir: Path, data: Path, thresholds: lis
         hf.layer.router.irr_threshold = threshold
         metrics = evaluate_edits(hf, requests)
         rows.append({"irr_threshold": threshold, "rel": metrics["post"]["rel"], "gen": metrics["post"]["gen"],
-                     "loc": metrics["post"]["loc"], "routing": metrics["routing"]})
+                     "loc": metrics["post"]["loc"], "loc_neighbour": metrics["post"].get("loc_neighbour"),
+                     "routing": metrics["routing"]})
         log.info("irr_threshold %.3f: Rel %.3f Gen %.3f Loc %.3f (loc routed %.3f)", threshold, rows[-1]["rel"],
                  rows[-1]["gen"], rows[-1]["loc"], metrics["routing"]["loc_routed"] or 0.0)
     return rows
@@ -177,6 +238,8 @@ def plot_quality(rows: list[dict], path: Path, title: str) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     sizes = [r["T"] for r in rows]
+    if all(r.get("loc_neighbour") is not None for r in rows):
+        ax.plot(sizes, [r["loc_neighbour"] for r in rows], "o-", color="tab:red", label="Loc-neighbour (facts-llama)")
     for i, (metric, color) in enumerate((("rel", "tab:blue"), ("gen", "tab:orange"), ("loc", "tab:green"))):
         ax.plot(sizes, [r[metric] for r in rows], "o-", color=color, label=f"{metric.capitalize()} (facts-llama)")
         anchor_t = sorted(PAPER_ANCHOR)
@@ -199,6 +262,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     parser.add_argument("--hparams", type=Path, default=DEFAULT_HPARAMS)
     parser.add_argument("--sizes", default="1,10,100,1000", help="comma list of T; data/facts/zsre-facts-T<T>.json each")
+    parser.add_argument("--data", default=str(DEFAULT_DATA),
+                        help="edit set per T: a path with {size} in it, or one file whose first T records are used")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a hyperparameter")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results", help="where the results go")
     parser.add_argument("--work", type=Path, default=REPO / "runs" / "quality", help="artifacts, one folder per T")
@@ -206,6 +271,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--thresholds", help="comma list: also score the largest T's artifact at these irr_thresholds")
     parser.add_argument("--thresholds-only", action="store_true",
                         help="skip editing: score the existing artifact in <work>/T<largest> at --thresholds, update quality.json")
+    parser.add_argument("--compare-steps", action="store_true",
+                        help="run each T with the reference's step defaults and with the default step (the YAML's "
+                             "routing keys only); rows go to <out>/quality_steps.json under --label")
+    parser.add_argument("--label", default="facts-llama", help="the model's name in quality_steps.json")
     parser.add_argument("--merge", action="store_true",
                         help="keep the other T's rows of an existing <out>/quality.json (run sizes in separate processes)")
     args = parser.parse_args(argv)
@@ -217,7 +286,12 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     thresholds = [float(t) for t in args.thresholds.split(",")] if args.thresholds else []
     largest = max(sizes)
-    largest_data = Path(str(DEFAULT_DATA).format(size=largest))
+    data_for = lambda size: Path(args.data.format(size=size))  # noqa: E731
+    limit_for = lambda size: None if "{size}" in args.data else size  # noqa: E731
+    largest_data = data_for(largest)
+    if args.compare_steps:
+        compare_steps(args, data_for, limit_for)
+        return
     if args.thresholds_only:
         path = args.out / "quality.json"
         result = json.loads(path.read_text())
@@ -228,7 +302,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for size in sizes:
         histogram = args.out / f"quality_overlap_T{size}.png" if size == max(sizes) else None
-        rows.append(run_size(args.model, Path(str(DEFAULT_DATA).format(size=size)), hp, args.work / f"T{size}",
+        rows.append(run_size(args.model, data_for(size), hp, args.work / f"T{size}", limit=limit_for(size),
                              histogram=histogram))
     if thresholds:
         next(r for r in rows if r["T"] == largest)["threshold_sweep"] = threshold_sweep(args.model, args.work / f"T{largest}", largest_data, thresholds)
@@ -241,6 +315,7 @@ def main(argv: list[str] | None = None) -> None:
     result = {
         "model": repo_relative(args.model),
         "hparams": repo_relative(args.hparams),
+        "data": repo_relative(Path(args.data)),
         "overrides": args.set,
         "memoir": hp.to_dict(),
         "threads": args.threads,
@@ -250,12 +325,14 @@ def main(argv: list[str] | None = None) -> None:
     }
     (args.out / "quality.json").write_text(json.dumps(result, indent=2) + "\n")
     plot_quality(rows, args.out / "quality.png",
-                 f"MEMOIR on facts-llama (layer {hp.layer_index}, top_k {hp.top_k}, thr {hp.irr_threshold})")
-    print(f"\n{'T':>5} {'Rel':>6} {'Gen':>6} {'Loc':>6} {'Rel*':>6} {'Gen*':>6} {'edits/min':>10} {'wall s':>8}")
+                 f"MEMOIR on {args.model.name} ({hp.update_rule} step, layer {hp.layer_index}, top_k {hp.top_k}, thr {hp.irr_threshold})")
+    print(f"\n{'T':>5} {'Rel':>6} {'Gen':>6} {'Loc':>6} {'LocN':>6} {'Rel*':>6} {'Gen*':>6} {'took':>6} {'edits/min':>10} {'wall s':>8}")
     for r in rows:
-        print(f"{r['T']:>5} {r['rel']:>6.3f} {r['gen']:>6.3f} {r['loc']:>6.3f} {r['own_mask']['rel']:>6.3f} "
-              f"{r['own_mask']['gen']:>6.3f} {r['edits_per_minute']:>10.1f} {r['wall_seconds']:>8.1f}")
-    print("(Rel*, Gen*: each prompt forced onto its own edit's mask)")
+        print(f"{r['T']:>5} {r['rel']:>6.3f} {r['gen']:>6.3f} {r['loc']:>6.3f} {_fmt(r['loc_neighbour']):>6} "
+              f"{r['own_mask']['rel']:>6.3f} {r['own_mask']['gen']:>6.3f} {_fmt(r['took'].get('share')):>6} "
+              f"{r['edits_per_minute']:>10.1f} {r['wall_seconds']:>8.1f}")
+    print("(LocN: Loc-neighbour; Rel*, Gen*: each prompt forced onto its own edit's mask; took: share of edits whose "
+          "training met edit_loss_target)")
     log.info("wrote %s and %s", args.out / "quality.json", args.out / "quality.png")
 
 

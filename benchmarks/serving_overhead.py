@@ -44,7 +44,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report_paths import command_line  # noqa: E402
 from synthetic_artifact import synthetic_artifact  # noqa: E402
 
-from vllm_memoir.server_process import REQUIRED_FLAGS, VllmServer, memoir_overrides, start_all  # noqa: E402
+from vllm_memoir.server_process import VllmServer, start_all  # noqa: E402
+from vllm_memoir.engine_requirements import ROUTING_FLAGS, hf_overrides_args
 
 logger = logging.getLogger("serving_overhead")
 REPO = Path(__file__).resolve().parents[1]
@@ -89,6 +90,18 @@ def fresh_variant(workload: Workload, round_index: int, vocabulary: list[str], w
     rng = random.Random(1000 + round_index)
     prompts = [" ".join(rng.choices(vocabulary, k=words) + [prompt]) for prompt in workload.prompts]
     return Workload(prompts, workload.kinds, workload.max_tokens, workload.concurrency)
+
+
+def shared_prefix_variant(workload: Workload, prefix: str) -> Workload:
+    """The workload with one prefix (a system-prompt-like run of words) before every prompt: with
+    prefix caching on, requests after the first reuse its KV blocks, and the plugin completes
+    their route features from its per-block running sums."""
+    return Workload([f"{prefix} {prompt}" for prompt in workload.prompts], workload.kinds, workload.max_tokens,
+                    workload.concurrency)
+
+
+def shared_prefix(vocabulary: list[str], words: int) -> str:
+    return " ".join(random.Random(7).choices(vocabulary, k=words))
 
 
 def prompt_vocabulary(records: list[dict]) -> list[str]:
@@ -217,7 +230,7 @@ def served_model_id(server: VllmServer) -> str:
 
 def serve_args(max_model_len: int, eager: bool, extra: list[str], engine_defaults: bool = False) -> list[str]:
     """Both servers' flags: vLLM's defaults (prefix caching, chunked prefill on), or both off."""
-    routing_flags = [] if engine_defaults else REQUIRED_FLAGS
+    routing_flags = [] if engine_defaults else ROUTING_FLAGS
     args = ["--dtype", "float32", "--max-model-len", str(max_model_len), *routing_flags, *extra]
     return args + (["--enforce-eager"] if eager else [])
 
@@ -226,7 +239,7 @@ def hf_overrides(config: dict, artifact: Path | None) -> list[str]:
     """One --hf-overrides flag: model config overrides (both servers) plus, for the plugin, MEMOIR's."""
     merged = dict(config)
     if artifact is not None:
-        merged.update(json.loads(memoir_overrides(artifact.resolve())[1]))
+        merged.update(json.loads(hf_overrides_args(artifact.resolve())[1]))
     return ["--hf-overrides", json.dumps(merged)] if merged else []
 
 
@@ -281,12 +294,16 @@ class Scenario:
 
 
 def compare(plain: VllmServer, plugin: VllmServer, workload: Workload, warmup: Workload, rounds: int,
-            scenario: Scenario, profile_dir: Path | None, vocabulary: list[str] | None = None) -> None:
-    """ABAB rounds; with `vocabulary`, every round sends fresh prompts (see fresh_variant)."""
+            scenario: Scenario, profile_dir: Path | None, vocabulary: list[str] | None = None,
+            prefix: str | None = None) -> None:
+    """ABAB rounds; with `vocabulary`, every round sends fresh prompts (see fresh_variant); with
+    `prefix`, every prompt starts with it (see shared_prefix_variant)."""
     for server in (plain, plugin):
         run_round(server, warmup)
     for i in range(rounds):
         this_round = workload if vocabulary is None else fresh_variant(workload, i, vocabulary)
+        if prefix:
+            this_round = shared_prefix_variant(this_round, prefix)
         # Alternate which goes first so neither always follows the other's cache state.
         order = [(plain, scenario.plain_rounds), (plugin, scenario.plugin_rounds)]
         for server, sink in (order if i % 2 == 0 else order[::-1]):
@@ -472,6 +489,9 @@ def main(argv: list[str] | None = None) -> None:
                              "serves them exactly for edits at the last layer) instead of both turned off")
     parser.add_argument("--fresh-prompts", action="store_true",
                         help="new prompts every round, so the decision cache never answers (see fresh_variant)")
+    parser.add_argument("--shared-prefix", type=int, default=0, metavar="WORDS",
+                        help="start every prompt with the same WORDS-word prefix (prefix-cache hits; see "
+                             "shared_prefix_variant)")
     args = parser.parse_args(argv)
     if args.table:
         print(table(json.loads(args.table.read_text())["results"]))
@@ -498,7 +518,8 @@ def main(argv: list[str] | None = None) -> None:
                     start(plugin) if plain.process is not None else start(plain, plugin)
                     scenario.plugin_startup_s = plugin.startup_seconds
                     compare(plain, plugin, workload, warmup, args.rounds, scenario, args.profile_dir,
-                            prompt_vocabulary(records) if args.fresh_prompts else None)
+                            prompt_vocabulary(records) if args.fresh_prompts else None,
+                            shared_prefix(prompt_vocabulary(records), args.shared_prefix) if args.shared_prefix else None)
                 finally:
                     plugin.stop()
                 results.append(scenario.result())
@@ -512,6 +533,7 @@ def main(argv: list[str] | None = None) -> None:
         "workload": {"prompts": args.prompts, "max_tokens": args.max_tokens, "concurrency": args.concurrency,
                      "mix": "1/4 edit prompts, 1/4 paraphrases, 1/2 unrelated", "rounds": args.rounds,
                      "compiled": not args.eager, "fresh_prompts": args.fresh_prompts,
+                     "shared_prefix_words": args.shared_prefix,
                      "engine": "vLLM defaults" if args.engine_defaults else "prefix caching and chunked prefill off"},
         "results": results,
         "client_retries": RETRIES[0],

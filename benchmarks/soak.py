@@ -29,7 +29,8 @@ from edit_tools.editor import run_edit_job
 from edit_tools.hf_model import MemoirHFModel
 from edit_tools.hparams import MemoirHyperParams
 from edit_tools.tiny_models import build_tiny_llama, build_words_dataset
-from vllm_memoir.server_process import REQUIRED_FLAGS, VllmServer, memoir_overrides, metric_value
+from vllm_memoir.server_process import VllmServer, metric_value
+from vllm_memoir.engine_requirements import ROUTING_FLAGS, hf_overrides_args
 
 LAYER, THRESHOLD, MARGIN = 2, 0.6, 0.04  # prompts this close to the threshold could flip on float noise
 
@@ -161,9 +162,9 @@ def main() -> None:
         reference = MemoirHFModel.from_pretrained(model_dir, artifact=artifact)
         pool = prompt_pool(reference, data, args.pool, args.seed)
         print(f"pool: {len(pool['prompts'])} distinct prompts, {len(pool['routed'])} routed")
-        flags = ["--dtype", "float32", "--max-model-len", "256", *REQUIRED_FLAGS, "--enforce-eager", "--block-size", "32",
+        flags = ["--dtype", "float32", "--max-model-len", "256", *ROUTING_FLAGS, "--enforce-eager", "--block-size", "32",
                  "--num-gpu-blocks-override", str(args.kv_blocks), "--max-num-seqs", "32"]
-        with VllmServer(model_dir, [*flags, *memoir_overrides(artifact)], work / "soak-server.log") as server:
+        with VllmServer(model_dir, [*flags, *hf_overrides_args(artifact)], work / "soak-server.log") as server:
             name = server.client().models.list().data[0].id
             before = server.metrics()
             stats = asyncio.run(soak(server, name, pool, args))

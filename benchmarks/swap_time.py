@@ -41,7 +41,9 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from report_paths import command_line, repo_relative  # noqa: E402
 from synthetic_artifact import synthetic_artifact  # noqa: E402
 
-from vllm_memoir.server_process import REQUIRED_FLAGS, VllmServer, memoir_overrides  # noqa: E402
+from vllm_memoir.core import read_manifest  # noqa: E402
+from vllm_memoir.engine_requirements import ROUTING_FLAGS, hf_overrides_args  # noqa: E402
+from vllm_memoir.server_process import VllmServer  # noqa: E402
 
 logger = logging.getLogger("swap_time")
 ADMIN_KEY = "swap-benchmark"
@@ -120,8 +122,8 @@ def run(args) -> dict:
             artifacts[(size, variant)] = out
     size_on_disk = {size: sum(f.stat().st_size for f in artifacts[(size, 0)].iterdir()) for size in args.sizes}
 
-    serve_args = ["--dtype", "float32", "--max-model-len", "64", *REQUIRED_FLAGS,
-                  *memoir_overrides(artifacts[(args.sizes[0], 1)])]
+    serve_args = ["--dtype", "float32", "--max-model-len", "64", *ROUTING_FLAGS,
+                  *hf_overrides_args(artifacts[(args.sizes[0], 1)])]
     if args.eager:
         serve_args.append("--enforce-eager")
     env = {"MEMOIR_ADMIN": "1", "MEMOIR_ADMIN_KEY": ADMIN_KEY}
@@ -166,7 +168,8 @@ def run(args) -> dict:
     results["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                           "note": args.machine_note}
     results["args"] = {"model": repo_relative(args.model), "like": repo_relative(like), "sizes": args.sizes,
-                       "repeats": args.repeats, "clients": args.clients, "eager": args.eager}
+                       "repeats": args.repeats, "clients": args.clients, "eager": args.eager,
+                       "like_edits": read_manifest(like).num_edits}
     return results
 
 
@@ -179,7 +182,8 @@ def markdown(results: dict, command: str) -> str:
              "its share on a loader thread, while serving goes on), **drain** (engine paused in vLLM's wait mode: "
              "new requests queue, running ones finish under the old edits; includes vLLM's fixed 0.02 s settle "
              "sleep), **commit** (new edits put in place, engine idle), **new requests held** = drain + commit. "
-             "Artifacts: the facts model's real 4-edit artifact padded with random edits "
+             f"Artifacts: the facts model's real {results['args'].get('like_edits', 4)}-edit artifact padded with "
+             "random edits "
              "(benchmarks/synthetic_artifact.py), two of each size swapped in turn.", "",
              "| edits | artifact MB | mode | load (serving) | drain | commit | new requests held | HTTP call |",
              "|---:|---:|---|---|---|---|---|---|"]

@@ -59,23 +59,21 @@ done
 [[ "$tp" =~ ^[1-9][0-9]*$ ]] || die "--tp must be a positive integer, got $tp"
 [[ "$port" =~ ^[0-9]+$ ]] || die "--port must be a number, got $port"
 
-# The MEMOIR class for the model's architecture and the absolute artifact path; with the pin,
-# the artifact's version and memory sha256, which the server re-checks when it loads it.
+# What MEMOIR needs of the engine (vllm_memoir.engine_requirements): the routing flags (none
+# for an edit at the last decoder layer, served with vLLM's defaults; prefix caching and
+# chunked prefill off below it) and the --hf-overrides: the MEMOIR class for the model's
+# architecture and the absolute artifact path, with the pin the artifact's version and
+# memory sha256, which the server re-checks when it loads it. memoir-serve adds the rest
+# (piecewise CUDA graphs on a GPU, the V1 runner's request tracker, the CPU KV cache size).
 pin_flag=()
 [[ "$pin" == "1" ]] && pin_flag=(--pin)
-overrides="$("$python" -m vllm_memoir.hf_overrides "$model" "$artifact" "${pin_flag[@]}")"
-# An edit at the last decoder layer is served with vLLM's defaults (prefix caching, chunked
-# prefill); below it, later layers' KV depends on the route and both must be off.
-read -r -a routing_flags <<< "$("$python" -m vllm_memoir.hf_overrides "$model" "$artifact" --routing-flags)"
+memoir_args_text="$("$python" -m vllm_memoir.hf_overrides "$model" "$artifact" --engine-args "${pin_flag[@]}")" || exit 2
+mapfile -t memoir_args <<< "$memoir_args_text"
 
 command=("$python" -m vllm_memoir.serve "$model"
     --host "$host" --port "$port" --dtype "$dtype"
-    "${routing_flags[@]}"
-    # Piecewise CUDA graphs, split at the routing op (full graphs would freeze its host-side
-    # decisions); vLLM's CPU platform has no CUDA graphs and falls back to none.
-    --compilation-config '{"cudagraph_mode": "PIECEWISE"}'
     --tensor-parallel-size "$tp"
-    --hf-overrides "$overrides")
+    "${memoir_args[@]}")
 [[ -n "$executor" ]] && command+=(--distributed-executor-backend "$executor")
 command+=("$@")
 

@@ -1,10 +1,16 @@
 """Edit datasets in the reference formats, read into one record type with precise errors.
 
 Formats (see shared/data/README.md):
-- zsre: the MEND-format ZsRE list (src, alt, rephrase, loc, loc_ans, subject; answers/pred/cond unused).
+- zsre: the MEND-format ZsRE list (src, alt, rephrase, loc, loc_ans, subject; answers/pred/cond unused),
+  plus this project's optional loc_neighbour / loc_neighbour_ans (the facts edit sets).
 - hallucination: the WISE/EasyEdit list (prompt, target_new, subject, locality_prompt, locality_ground_truth).
 - temporal: as hallucination plus ood_rephrase.
-- jsonl: one object per line with prompt, target and optional rephrase, loc, loc_ans, subject.
+- jsonl: one object per line with prompt, target and optional rephrase, loc, loc_ans, subject,
+  loc_neighbour, loc_neighbour_ans.
+
+Two locality prompts: `loc` is unrelated to the edit (ZsRE's NQ question; in the facts sets another
+relation), `loc_neighbour` asks the edit's own question about another subject: a user asking
+that must not get the edit. The second is optional; every tool reads `loc`.
 
 Every error is a DatasetError naming the file, the record (0-based) and the field at fault.
 """
@@ -32,6 +38,8 @@ class EditRequest:
     rephrase: str | None = None  # paraphrase for generalization (temporal: ood_rephrase)
     loc: str | None = None  # locality prompt
     loc_ans: str | None = None  # its answer
+    loc_neighbour: str | None = None  # the edit prompt's question about another subject
+    loc_neighbour_ans: str | None = None  # its answer
     kind: str = "zsre"  # which format it came from: zsre | hallucination | temporal | jsonl
 
 
@@ -51,7 +59,8 @@ class _Format:
 
 _FORMATS = {
     "zsre": _Format(
-        {"src": "prompt", "alt": "target", "subject": "subject", "rephrase": "rephrase", "loc": "loc", "loc_ans": "loc_ans"},
+        {"src": "prompt", "alt": "target", "subject": "subject", "rephrase": "rephrase", "loc": "loc", "loc_ans": "loc_ans",
+         "loc_neighbour": "loc_neighbour", "loc_neighbour_ans": "loc_neighbour_ans"},
         prompt_key="src", target_key="alt", loc_key="loc",
     ),
     "hallucination": _Format(
@@ -65,7 +74,8 @@ _FORMATS = {
         prompt_key="prompt", target_key="target_new", loc_key="locality_prompt",
     ),
     "jsonl": _Format(
-        {"prompt": "prompt", "target": "target", "subject": "subject", "rephrase": "rephrase", "loc": "loc", "loc_ans": "loc_ans"},
+        {"prompt": "prompt", "target": "target", "subject": "subject", "rephrase": "rephrase", "loc": "loc", "loc_ans": "loc_ans",
+         "loc_neighbour": "loc_neighbour", "loc_neighbour_ans": "loc_neighbour_ans"},
         prompt_key="prompt", target_key="target", loc_key="loc",
     ),
 }

@@ -1,5 +1,11 @@
 """One MEMOIR edit: build its batch, pick its mask, train its columns of W_m.
 
+Two steps (hparams.update_rule): the reference's SGD at a fixed learning rate for a fixed number
+of steps, or the adaptive step (`adaptive_descent`), which sizes each step from the loss and
+the gradient so that it works at any activation scale, and stops once the edit's loss target
+is met. Either way the result says whether the edit took: every target token is the model's top
+prediction on every row of the edit once it is trained (its own teacher-forced Rel is 1.0).
+
 Two equivalent loops:
 - `full`: every step runs the whole model on all rows (the reference's way).
 - `fast`: layers below the edited one, the edited layer's attention and its base MLP do not
@@ -41,8 +47,76 @@ class EditBatch:
 @dataclass
 class EditResult:
     mask_indices: torch.Tensor  # [k] active columns of W_m
-    losses: list[float] = field(default_factory=list)
-    lr: float = 0.0
+    losses: list[float] = field(default_factory=list)  # the loss before each step
+    lr: float = 0.0  # the reference step's learning rate (0 for the adaptive step)
+    final_loss: float = float("nan")  # the loss with the memory as the edit leaves it
+    took: bool = False  # every target token is the argmax on every edit row, after training
+    steps: int = 0  # updates of the memory (the adaptive step's undone ones included)
+
+    def outcome(self) -> dict:
+        """What the edit record stores about the training of this edit."""
+        return {"loss": round(self.final_loss, 6), "steps": self.steps, "took": self.took}
+
+
+def polyak_step_size(loss: float, grad_sq_norm: float, scale: float) -> float:
+    """scale * loss / |grad|^2: the step that, to first order, brings the loss to zero.
+
+    Scaling the activations by c scales the gradient by c and the curvature by c^2, so this
+    step scales by 1/c^2 and moves the output by the same amount at any scale (tested).
+    """
+    return scale * loss / max(grad_sq_norm, 1e-30)
+
+
+MIN_SCALE = 2.0 ** -10
+STALL_STEPS, STALL_GAIN = 3, 0.01  # stop after 3 steps that each lowered the loss by < 1%
+
+
+def _stalled(losses: list[float]) -> bool:
+    """The loss has a floor above the target (e.g. a final norm bounds the logits): stop there."""
+    recent = losses[-STALL_STEPS - 1:]
+    return len(recent) > STALL_STEPS and all(b > a * (1 - STALL_GAIN) for a, b in zip(recent, recent[1:]))
+
+
+def adaptive_descent(loss_and_grad, params: torch.Tensor, target: float, max_iter: int, decay: float = 0.0,
+                     step_limit=None) -> list[float]:
+    """Polyak steps on `params` (in place) until loss_and_grad(params) <= target, at most max_iter steps.
+
+    loss_and_grad: params -> (loss float, grad tensor like params). A step that raises the loss
+    (or makes it non-finite) is undone and retried at half the size; the scale stays halved,
+    since the loss was less linear there than the step assumed. It also stops when the loss
+    stalls (`_stalled`; undone steps count as no gain) or the scale falls below MIN_SCALE.
+    step_limit: grad -> the largest step allowed (a trust region), scaled like the step.
+    decay: a decoupled factor (1 - decay) on params per accepted step (the reference's weight
+    decay without its learning rate).
+    Returns the loss before each step and, last, the loss of the params it leaves.
+    """
+    losses: list[float] = []
+    scale = 1.0
+    best_loss, best_params, best_grad = float("inf"), params.detach().clone(), None
+    for step in range(max_iter + 1):
+        loss, grad = loss_and_grad(params)
+        if not loss < best_loss:  # worse, or NaN: back to the last accepted params, smaller step
+            with torch.no_grad():
+                params.copy_(best_params)
+            scale *= 0.5
+            loss, grad = best_loss, best_grad
+        else:
+            best_loss, best_grad = loss, grad
+            best_params.copy_(params.detach())
+        losses.append(loss)
+        if loss <= target or step == max_iter or scale < MIN_SCALE or _stalled(losses):
+            break
+        grad_sq = float(grad.pow(2).sum())
+        if grad_sq == 0.0:
+            break  # nothing in the masked columns moves the loss: this edit cannot take
+        eta = polyak_step_size(loss, grad_sq, scale)
+        if step_limit is not None:
+            eta = min(eta, scale * step_limit(grad))
+        with torch.no_grad():
+            params.sub_(eta * grad)
+            if decay:
+                params.mul_(1.0 - decay)
+    return losses
 
 
 def apply_prompt_format(hf: MemoirHFModel, hp: MemoirHyperParams) -> RouteSpan:
@@ -187,35 +261,91 @@ def apply_edit(
     feature = aggregate_prompt_feature(cap.x[:1], route_mask, hp.prompt_feature_agg, background_mean)
     indices = tophash_indices(feature, hp.top_k, permutation)[0].to(cap.x.device)
 
-    lr = hp.edit_lr
-    if hp.lr_scaling == "activation":
-        # A step on W_m moves the output by about lr * |x_masked|^2 per unit gradient:
-        # dividing by it makes the step size independent of the activation scale.
-        live = batch.attention_mask[edit_rows].bool()
-        lr = hp.edit_lr / float(cap.x[live][:, indices].float().pow(2).sum(-1).mean().clamp(min=1e-12))
+    def logits_now() -> torch.Tensor:
+        return _fast_logits(stack, cap, memory, indices, batch) if fast else _full_logits(hf, batch)
+
+    def loss_now() -> torch.Tensor:
+        return target_loss(logits_now(), batch)
 
     memory = hf.layer.memory
-    memory.requires_grad_(True)
-    decay_all = hp.weight_decay_scope == "all"
-    optimizer = torch.optim.SGD([memory], lr=lr, weight_decay=hp.weight_decay if decay_all else 0.0)
     hf.layer.train_indices = indices
-    losses: list[float] = []
     try:
-        for _ in range(hp.n_iter):
-            optimizer.zero_grad(set_to_none=True)
-            logits = _fast_logits(stack, cap, memory, indices, batch) if fast else _full_logits(hf, batch)
-            loss = target_loss(logits, batch)
-            losses.append(loss.item())
-            if len(losses) >= 2 and abs(losses[-1] - losses[-2]) <= hp.early_stop_delta and losses[-1] <= hp.early_stop_loss:
-                break
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_([memory], hp.grad_clip)
-            optimizer.step()
-            if not decay_all and hp.weight_decay:
-                with torch.no_grad():
-                    memory[:, indices] *= 1.0 - lr * hp.weight_decay
+        if hp.resolved_update_rule == "adaptive":
+            live = batch.attention_mask[edit_rows].bool()
+            stream = (cap.h_attn + cap.base_out)[live].float().norm(dim=-1).median().item()
+            result = _adaptive_edit(hp, memory, indices, loss_now, cap.x[live], stream)
+        else:
+            result = _reference_edit(hp, memory, indices, loss_now, _reference_lr(hp, cap, batch, indices, edit_rows))
+        with torch.no_grad():  # one more forward: the memory as the edit leaves it
+            logits = logits_now()
+        result.final_loss = target_loss(logits, batch).item()
+        result.took = bool((logits.argmax(-1) == batch.target_ids).all())
     finally:
         hf.layer.train_indices = None
         memory.requires_grad_(False)
         memory.grad = None
-    return EditResult(mask_indices=indices.cpu(), losses=losses, lr=lr)
+    result.mask_indices = indices.cpu()
+    return result
+
+
+def _reference_lr(hp: MemoirHyperParams, cap: _Captured, batch: EditBatch, indices: torch.Tensor, edit_rows: slice) -> float:
+    if hp.lr_scaling != "activation":
+        return hp.reference_lr
+    # A step on W_m moves the output by about lr * |x_masked|^2 per unit gradient:
+    # dividing by it makes the step size independent of the activation scale.
+    live = batch.attention_mask[edit_rows].bool()
+    return hp.reference_lr / float(cap.x[live][:, indices].float().pow(2).sum(-1).mean().clamp(min=1e-12))
+
+
+def _reference_edit(hp: MemoirHyperParams, memory: torch.Tensor, indices: torch.Tensor, loss_now, lr: float) -> EditResult:
+    """The reference's loop: SGD (weight decay, grad clip) for n_iter steps or until early stop."""
+    memory.requires_grad_(True)
+    decay_all = hp.weight_decay_scope == "all"
+    optimizer = torch.optim.SGD([memory], lr=lr, weight_decay=hp.weight_decay if decay_all else 0.0)
+    losses: list[float] = []
+    steps = 0
+    for _ in range(hp.reference_n_iter):
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_now()
+        losses.append(loss.item())
+        if len(losses) >= 2 and abs(losses[-1] - losses[-2]) <= hp.early_stop_delta and losses[-1] <= hp.early_stop_loss:
+            break
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([memory], hp.grad_clip)
+        optimizer.step()
+        steps += 1
+        if not decay_all and hp.weight_decay:
+            with torch.no_grad():
+                memory[:, indices] *= 1.0 - lr * hp.weight_decay
+    return EditResult(mask_indices=indices, losses=losses, lr=lr, steps=steps)
+
+
+def _adaptive_edit(hp: MemoirHyperParams, memory: torch.Tensor, indices: torch.Tensor, loss_now,
+                   x_live: torch.Tensor, stream_norm: float) -> EditResult:
+    """adaptive_descent on this edit's columns of W_m (the only ones the loss depends on)."""
+    columns = memory.data[:, indices].clone()
+    x_masked = x_live[:, indices].float()
+
+    def step_limit(grad: torch.Tensor) -> float:
+        # The largest step moving the residual at any of the edit's tokens by at most
+        # adaptive_step_limit x the residual stream's norm: a big step would swamp what the
+        # model computes for every later prompt that shares these columns.
+        moved = (x_masked @ grad.T).norm(dim=-1).max().item()
+        return hp.adaptive_step_limit * stream_norm / max(moved, 1e-30)
+
+    def loss_and_grad(params: torch.Tensor):
+        memory.data[:, indices] = params
+        memory.requires_grad_(True)
+        memory.grad = None
+        loss = loss_now()
+        loss.backward()
+        return loss.item(), memory.grad[:, indices].clone()
+
+    # The reference's decay acts on all of W_m; here it shrinks only this edit's columns, since
+    # without a learning rate in front of it, decaying every column would erase earlier edits.
+    limit = step_limit if hp.adaptive_step_limit > 0 else None
+    losses = adaptive_descent(loss_and_grad, columns, hp.edit_loss_target, hp.max_steps_per_edit, decay=hp.weight_decay,
+                              step_limit=limit)
+    with torch.no_grad():
+        memory.data[:, indices] = columns
+    return EditResult(mask_indices=indices, losses=losses, steps=len(losses) - 1)

@@ -3,7 +3,9 @@
 The job checkpoints the artifact (atomically) every `checkpoint_every` edits and records its
 progress in the manifest, so a job killed at any point resumes from its last checkpoint and
 ends with the same artifact as an uninterrupted run. `append=True` adds a new dataset's
-edits to an existing artifact (lifelong editing).
+edits to an existing artifact (lifelong editing). Each edit record keeps how its training
+ended (`outcome`: final loss, steps, whether it took); an edit that did not take is named in a
+warning, and the job logs how many took.
 """
 
 from __future__ import annotations
@@ -191,6 +193,18 @@ def run_edit_job(
         raise
 
 
+def log_outcome(edit_id: int, request: EditRequest, result, hp: MemoirHyperParams) -> None:
+    """One debug line per edit; a warning naming the edit when it did not take (a target token
+    is not the top prediction on one of its rows after training), so that is never silent."""
+    if result.took:
+        logger.debug("edit %d took: loss %.4f after %d steps", edit_id, result.final_loss, result.steps)
+        return
+    hint = ("raise max_steps_per_edit or lower edit_loss_target" if hp.resolved_update_rule == "adaptive"
+            else "leave edit_lr and n_iter unset (or set update_rule: adaptive) for steps sized to this model")
+    logger.warning("edit %d (%r -> %r) did not take: loss %.4f after %d steps (edit_loss_target %g); %s",
+                   edit_id, request.prompt, request.target, result.final_loss, result.steps, hp.edit_loss_target, hint)
+
+
 def _run_checked_job(model_dir, data_name: str, requests: list[EditRequest], hp: MemoirHyperParams, out_dir: Path,
                      append: bool, progress: bool, stop_after: int | None, device: str) -> MemoirArtifact:
     digest = requests_digest(requests)
@@ -234,6 +248,7 @@ def _run_checked_job(model_dir, data_name: str, requests: list[EditRequest], hp:
     end = len(requests) if stop_after is None else min(len(requests), job["done"] + stop_after)
     bar = tqdm(range(job["done"], end), total=len(requests), initial=job["done"], disable=not progress, desc="edits")
     since_checkpoint = 0
+    missed, started_at = 0, job["done"]
     for i in bar:
         request = requests[i]
         started = time.perf_counter()
@@ -241,16 +256,23 @@ def _run_checked_job(model_dir, data_name: str, requests: list[EditRequest], hp:
         result = apply_edit(hf, hp, batch, permutation, background, fast=hp.fast_loop)
         masks.append(pack_indices(result.mask_indices.unsqueeze(0), artifact.manifest.intermediate_size))
         artifact.edits.append(
-            EditRecord(edit_id=next_id, prompt=request.prompt, target=request.target, rephrase=request.rephrase, subject=request.subject)
+            EditRecord(edit_id=next_id, prompt=request.prompt, target=request.target, rephrase=request.rephrase,
+                       subject=request.subject, outcome=result.outcome())
         )
+        log_outcome(next_id, request, result, hp)
+        missed += not result.took
         next_id += 1
         job["done"] = i + 1
         since_checkpoint += 1
-        bar.set_postfix(loss=f"{result.losses[-1]:.4f}", steps=len(result.losses), sec=f"{time.perf_counter() - started:.2f}")
+        bar.set_postfix(loss=f"{result.final_loss:.4f}", steps=result.steps, sec=f"{time.perf_counter() - started:.2f}")
         if since_checkpoint >= hp.checkpoint_every:
             checkpoint()
             since_checkpoint = 0
     if since_checkpoint:
         checkpoint()
+    if ran := end - started_at:
+        log = logger.warning if missed else logger.info
+        log("%d of the %d edits this run made took%s", ran - missed, ran,
+            "; the warnings above name the others" if missed else "")
     artifact.masks = torch.cat(masks)
     return artifact

@@ -2,7 +2,10 @@
 
 - Rel: teacher-forced token accuracy of the target given the edit prompt.
 - Gen: the same given the rephrase (temporal: the out-of-distribution rephrase).
-- Loc: fraction of locality-answer tokens whose post-edit argmax equals the pre-edit argmax.
+- Loc: fraction of locality-answer tokens whose post-edit argmax equals the pre-edit argmax, on
+  the unrelated locality prompt (`loc`).
+- Loc-neighbour (`loc_neighbour`): the same on the edit's question about another subject, where
+  the data has one (the facts edit sets); the harder test of routing.
 - hallucination sets also get the perplexity of the target.
 Plus routing statistics: how often prompts, rephrases and locality prompts were routed, and
 to the right edit.
@@ -53,6 +56,9 @@ class RequestScores:
     loc_agreement: float | None = None  # share of locality answer tokens whose argmax is unchanged
     loc_routed: bool | None = None
     loc_overlap: float | None = None
+    neighbour_agreement: float | None = None  # as loc_agreement, on the loc_neighbour prompt
+    neighbour_routed: bool | None = None
+    neighbour_overlap: float | None = None
 
 
 def _loc_agreement(before: ScoredRow, after: ScoredRow) -> float:
@@ -64,12 +70,15 @@ def score_block(hf: MemoirHFModel, requests: list[EditRequest]) -> list[RequestS
     """Scores of one batch of requests: each of its prompt kinds runs as one batch, pre and post."""
     with_rephrase = [i for i, r in enumerate(requests) if r.rephrase]
     with_loc = [i for i, r in enumerate(requests) if r.loc and r.loc_ans]
+    with_neighbour = [i for i, r in enumerate(requests) if r.loc_neighbour and r.loc_neighbour_ans]
 
     def run_all() -> dict[str, list[ScoredRow]]:
         return {
             "rel": hf.score([r.prompt for r in requests], [r.target for r in requests]),
             "gen": hf.score([requests[i].rephrase for i in with_rephrase], [requests[i].target for i in with_rephrase]) if with_rephrase else [],
             "loc": hf.score([requests[i].loc for i in with_loc], [requests[i].loc_ans for i in with_loc]) if with_loc else [],
+            "neighbour": hf.score([requests[i].loc_neighbour for i in with_neighbour],
+                                  [requests[i].loc_neighbour_ans for i in with_neighbour]) if with_neighbour else [],
         }
 
     with hf.routing_off():
@@ -78,6 +87,7 @@ def score_block(hf: MemoirHFModel, requests: list[EditRequest]) -> list[RequestS
     prompt_routes = hf.route([r.prompt for r in requests])
     rephrase_routes = hf.route([requests[i].rephrase for i in with_rephrase]) if with_rephrase else []
     loc_routes = hf.route([requests[i].loc for i in with_loc]) if with_loc else []
+    neighbour_routes = hf.route([requests[i].loc_neighbour for i in with_neighbour]) if with_neighbour else []
 
     hallucination = requests[0].kind == "hallucination"
     scores = [
@@ -93,6 +103,9 @@ def score_block(hf: MemoirHFModel, requests: list[EditRequest]) -> list[RequestS
     for j, i in enumerate(with_loc):
         scores[i].loc_agreement = _loc_agreement(pre["loc"][j], post["loc"][j])
         scores[i].loc_routed, scores[i].loc_overlap = loc_routes[j].routed, loc_routes[j].overlap
+    for j, i in enumerate(with_neighbour):
+        scores[i].neighbour_agreement = _loc_agreement(pre["neighbour"][j], post["neighbour"][j])
+        scores[i].neighbour_routed, scores[i].neighbour_overlap = neighbour_routes[j].routed, neighbour_routes[j].overlap
     return scores
 
 
@@ -120,6 +133,7 @@ def summarize_scores(requests: list[EditRequest], scores: list[RequestScores]) -
         raise ValueError(f"{len(scores)} scores for {len(requests)} requests")
     gen = [s for s in scores if s.gen_post is not None]
     loc = [s for s in scores if s.loc_agreement is not None]
+    neighbour = [s for s in scores if s.neighbour_agreement is not None]
 
     def stage(which: str) -> dict:
         out = {
@@ -138,15 +152,21 @@ def summarize_scores(requests: list[EditRequest], scores: list[RequestScores]) -
             "prompt_routed_to_own_edit": mean(s.prompt_route == s.own_row for s in scores),
             "rephrase_routed_to_own_edit": mean(s.rephrase_route == s.own_row for s in gen) if gen else None,
             "loc_routed": mean(s.loc_routed for s in loc) if loc else None,
+            "loc_neighbour_routed": mean(s.neighbour_routed for s in neighbour) if neighbour else None,
             "median_overlap": {
                 "prompt": _median([s.prompt_overlap for s in scores]),
                 "rephrase": _median([s.rephrase_overlap for s in gen]),
                 "loc": _median([s.loc_overlap for s in loc]),
+                "loc_neighbour": _median([s.neighbour_overlap for s in neighbour]),
             },
         },
     }
     result["post"]["loc"] = mean(s.loc_agreement for s in loc) if loc else None
     result["pre"]["loc"] = 1.0 if loc else None
+    # Only where the data has neighbour prompts: summaries of other data keep their keys.
+    if neighbour:
+        result["post"]["loc_neighbour"] = mean(s.neighbour_agreement for s in neighbour)
+        result["pre"]["loc_neighbour"] = 1.0
     return result
 
 
@@ -169,10 +189,10 @@ def evaluate_artifact(
 
 
 def format_table(result: dict) -> str:
-    metrics = [m for m in ("rel", "gen", "loc", "target_ppl") if result["post"].get(m) is not None]
-    lines = [f"MEMOIR evaluation: {result['num_edits']} edits", f"{'':6}" + "".join(f"{m:>12}" for m in metrics)]
+    metrics = [m for m in ("rel", "gen", "loc", "loc_neighbour", "target_ppl") if result["post"].get(m) is not None]
+    lines = [f"MEMOIR evaluation: {result['num_edits']} edits", f"{'':6}" + "".join(f"{m:>14}" for m in metrics)]
     for stage in ("pre", "post"):
-        lines.append(f"{stage:6}" + "".join(f"{result[stage][m]:>12.4f}" for m in metrics))
+        lines.append(f"{stage:6}" + "".join(f"{result[stage][m]:>14.4f}" for m in metrics))
     routing = result["routing"]
     lines.append(
         "routing: prompt->own edit {:.3f}, rephrase->own edit {}, loc routed {}".format(
@@ -180,6 +200,7 @@ def format_table(result: dict) -> str:
             "n/a" if routing["rephrase_routed_to_own_edit"] is None else f"{routing['rephrase_routed_to_own_edit']:.3f}",
             "n/a" if routing["loc_routed"] is None else f"{routing['loc_routed']:.3f}",
         )
+        + ("" if routing.get("loc_neighbour_routed") is None else f", loc-neighbour routed {routing['loc_neighbour_routed']:.3f}")
     )
     return "\n".join(lines)
 
@@ -190,13 +211,13 @@ def plot_metrics(result: dict, path: str | Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = [m for m in ("rel", "gen", "loc") if result["post"].get(m) is not None]
+    metrics = [m for m in ("rel", "gen", "loc", "loc_neighbour") if result["post"].get(m) is not None]
     fig, ax = plt.subplots(figsize=(5, 3.2))
     width = 0.38
     xs = range(len(metrics))
     ax.bar([x - width / 2 for x in xs], [result["pre"][m] for m in metrics], width, label="pre-edit")
     ax.bar([x + width / 2 for x in xs], [result["post"][m] for m in metrics], width, label="post-edit")
-    ax.set_xticks(list(xs), [m.capitalize() for m in metrics])
+    ax.set_xticks(list(xs), [m.capitalize().replace("_", "-") for m in metrics])
     ax.set_ylim(0, 1.05)
     ax.set_title(f"MEMOIR, T={result['num_edits']} sequential edits")
     ax.legend(loc="lower right")

@@ -48,7 +48,7 @@ class ReferenceMemoirDownProj(nn.Module):
     Three states: training (one fixed mask for every row), routed inference (per-row
     routes decided on the prompt forward of a MemoirHFModel.routing call) and off (exactly
     the base layer; also outside any routing call). vLLM's counterpart is
-    vllm_memoir.routed_down_proj.MemoirDownProj.
+    vllm_memoir.routing.layer.MemoirDownProj.
     """
 
     def __init__(self, base: nn.Linear):

@@ -32,8 +32,10 @@ class MemoirHyperParams:
     alg_name: str = "MEMOIR"
     model_name: str = ""
     device: Any = "cpu"  # the reference's integer GPU index, or "cpu", "cuda", "cuda:N"
-    edit_lr: float = 1.0
-    n_iter: int = 30
+    # The reference's fixed step: SGD at edit_lr for n_iter steps (its defaults 1.0 and 30 apply
+    # when update_rule is "reference" and they are unset). Setting either asks for that step.
+    edit_lr: float | None = None
+    n_iter: int | None = None
     objective_optimization: str = "only_label"
     inner_params: list[str] = field(default_factory=lambda: ["model.layers[27].mlp.down_proj.weight"])
     model_parallel: bool = False
@@ -56,6 +58,23 @@ class MemoirHyperParams:
     dtype: str = "float32"
     checkpoint_every: int = 10
     fast_loop: bool = True
+    # How each edit trains its columns (edit_step.py):
+    # - "adaptive": scale-free steps (Polyak: step = loss / |grad|^2, halved whenever a step raises
+    #   the loss) until the edit's loss is <= edit_loss_target, at most max_steps_per_edit steps;
+    #   adapts to any model's activation and gradient scale, so edits take without tuning.
+    # - "reference": the reference's SGD at edit_lr, n_iter steps, grad_clip, early stop.
+    # - "auto" (default): "reference" when edit_lr or n_iter is set (a hand-tuned or the
+    #   reference's own file), else "adaptive". validate() replaces it with the one it picks.
+    update_rule: str = "auto"
+    # The adaptive step stops once the target's mean cross-entropy over the edit's rows is at
+    # most this (0.05: p(target) ~0.95 per token), or when it stops improving (a model whose
+    # final norm bounds its logits may not get there). Whether an edit took is judged apart,
+    # for both steps: every target token is the top prediction on every edit row; else a warning.
+    edit_loss_target: float = 0.05
+    max_steps_per_edit: int = 100  # the adaptive step's cap on steps per edit
+    # The adaptive step's trust region: one step moves the edited layer's output at any of the
+    # edit's tokens by at most this times the residual stream's (median) norm; 0 turns it off.
+    adaptive_step_limit: float = 0.2
     # Which prompt tokens the route feature averages: "prompt" (all, the reference) or
     # "last_user_message" (the chat template's last user turn; vllm_memoir/core/route_span.py).
     routing_span: str = "prompt"
@@ -72,6 +91,21 @@ class MemoirHyperParams:
     def module_path(self) -> str:
         prefix, layer, rest = self._parsed_inner()
         return f"{prefix}.{layer}.{rest}"
+
+    @property
+    def resolved_update_rule(self) -> str:
+        """update_rule with "auto" decided (also for hyperparameters never validated)."""
+        if self.update_rule != "auto":
+            return self.update_rule
+        return "reference" if self.edit_lr is not None or self.n_iter is not None else "adaptive"
+
+    @property
+    def reference_lr(self) -> float:
+        return 1.0 if self.edit_lr is None else self.edit_lr  # the reference's default
+
+    @property
+    def reference_n_iter(self) -> int:
+        return 30 if self.n_iter is None else self.n_iter  # the reference's default
 
     @property
     def torch_device(self) -> str:
@@ -139,17 +173,26 @@ class MemoirHyperParams:
         self._choice("prompt_feature_agg", AGGREGATIONS)
         self._choice("weight_decay_scope", ("all", "masked"))
         self._choice("lr_scaling", ("none", "activation"))
+        self._choice("update_rule", ("auto", "adaptive", "reference"))
+        self.update_rule = self.resolved_update_rule
+        if self.update_rule == "reference":
+            self.edit_lr, self.n_iter = self.reference_lr, self.reference_n_iter
         self._choice("dtype", DTYPES)
         self._choice("routing_span", ("prompt", "last_user_message"))
         if self.routing_span == "last_user_message" and self.prompt_feature_agg == "last":
             raise self.bad_value("routing_span", "needs prompt_feature_agg mean or mean_decentered, not 'last'",
                                  "prompt, last_user_message")
         self._integer("top_k", 1)
-        self._integer("n_iter", 1)
+        if self.n_iter is not None:
+            self._integer("n_iter", 1)
+        self._integer("max_steps_per_edit", 1)
         self._integer("num_background_texts", 1)
         self._integer("checkpoint_every", 1)
         self._integer("seed", 0)
-        self._number("edit_lr", 0, low_open=True)
+        if self.edit_lr is not None:
+            self._number("edit_lr", 0, low_open=True)
+        self._number("edit_loss_target", 0, low_open=True)
+        self._number("adaptive_step_limit", 0)
         self._number("irr_threshold", 0, 1)
         self._number("weight_decay", 0)
         self._number("grad_clip", 0, low_open=True)
@@ -267,7 +310,7 @@ def parse_device(value: Any, hp: MemoirHyperParams | None = None) -> str:
 
 def _coerce(cls, key: str, value: Any) -> Any:
     """Accept what YAML and command lines produce for numbers and flags ('1e-5' is a string in YAML 1.1)."""
-    kind = {f.name: f.type for f in dataclasses.fields(cls)}[key]
+    kind = {f.name: f.type for f in dataclasses.fields(cls)}[key].removesuffix(" | None")
     if kind == "float" and isinstance(value, str):
         try:
             return float(value)

@@ -20,7 +20,8 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from vllm_memoir.server_process import VllmServer, memoir_overrides, start_all
+from vllm_memoir.server_process import VllmServer, start_all
+from vllm_memoir.engine_requirements import hf_overrides_args
 
 REPO = Path(__file__).resolve().parents[1]
 # vLLM's defaults otherwise (prefix caching, chunked prefill): the facts config edits the last layer.
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     records = edit(args)
     logs = args.workdir / "logs"
     base = VllmServer(args.model, SERVE_ARGS, logs / "base.log")
-    memoir = VllmServer(args.model, [*SERVE_ARGS, *memoir_overrides(args.workdir / "artifact")], logs / "memoir.log")
+    memoir = VllmServer(args.model, [*SERVE_ARGS, *hf_overrides_args(args.workdir / "artifact")], logs / "memoir.log")
     print("starting vllm serve (base model) and vllm serve + MEMOIR, logs in", logs)
     try:
         start_all([base, memoir])

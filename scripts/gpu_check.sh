@@ -7,7 +7,8 @@
 # 2. runs the server parity tests that start one server at a time on the GPU, with Model
 #    Runner V2, piecewise CUDA graphs (memoir-serve's GPU default), chunked prefill and
 #    prefix caching on (vLLM's defaults): tests/test_plugin_speed_features.py and the
-#    chat-template routing test; JUnit XML in $OUT;
+#    chat-template routing test; before them, the routing step's decode path captured in a
+#    CUDA graph and replayed (tests/test_gpu_decode_graph.py) and the layer tests; JUnit XML in $OUT;
 # 3. runs the serving benchmark against plain vLLM with its defaults on a random Llama of
 #    ~1B parameters (hidden 2048, intermediate 8192, 16 layers) with 1,000 and 100,000
 #    synthetic edits at its last layer; JSON in $OUT.
@@ -44,7 +45,7 @@ step setup 300 bash scripts/setup.sh
     >> "$summary" 2>&1
 
 export VLLM_USE_V2_MODEL_RUNNER=1 MEMOIR_TP_TESTS=0 HF_HUB_OFFLINE=1
-tests=(tests/test_plugin_speed_features.py)
+tests=(tests/test_gpu_decode_graph.py tests/test_plugin_routed_layer.py tests/test_plugin_speed_features.py)
 [[ -f tests/test_chat_routing_server.py ]] && tests+=(tests/test_chat_routing_server.py)
 step parity 300 "$PYTHON" -m pytest -q -ra "${tests[@]}" --junitxml "$OUT/parity.xml"
 

@@ -100,9 +100,10 @@ def speed_features_server(model_dir, artifact_dir, log, *, max_model_len: int, b
     """A compiled server with vLLM's defaults (prefix caching, chunked prefill), a token budget
     small enough that prompts split into chunks and blocks small enough that prefixes get
     cached; routing decisions logged at debug level."""
-    from vllm_memoir.server_process import VllmServer, memoir_overrides
+    from vllm_memoir.server_process import VllmServer
+    from vllm_memoir.engine_requirements import hf_overrides_args
 
     args = ["--dtype", "float32", "--max-model-len", str(max_model_len), "--block-size", str(block_size),
             "--max-num-batched-tokens", str(batched_tokens), "--max-num-seqs", "16",
-            "--num-gpu-blocks-override", str(gpu_blocks), *memoir_overrides(artifact_dir)]
+            "--num-gpu-blocks-override", str(gpu_blocks), *hf_overrides_args(artifact_dir)]
     return VllmServer(model_dir, args, log, env={"MEMOIR_LOG_LEVEL": "DEBUG"})

@@ -14,12 +14,12 @@ from plugin_reference import split_clear_of_threshold
 from edit_tools.editor import run_edit_job
 from edit_tools.hf_model import MemoirHFModel
 from edit_tools.hparams import MemoirHyperParams
-from vllm_memoir.server_process import REQUIRED_FLAGS
+from vllm_memoir.engine_requirements import ROUTING_FLAGS
 
 LAYER = 2
 THRESHOLD = 0.6
 MARGIN = 0.04  # prompts this close to the threshold could flip on float noise; left out
-COMMON = ["--dtype", "float32", "--max-model-len", "256", *REQUIRED_FLAGS]
+COMMON = ["--dtype", "float32", "--max-model-len", "256", *ROUTING_FLAGS]
 
 
 def edit(model_dir, words_dataset, out, limit: int | None = 8, layer: int = LAYER) -> Path:

@@ -36,6 +36,44 @@ def test_roundtrip(tmp_path):
     assert [e.prompt for e in back.edits] == ["p0", "p1", "p2"] and back.manifest.version == 1
 
 
+def test_edit_records_roundtrip_every_field_as_json_lines(tmp_path):
+    """Records are written field by field (EditRecord.to_json, not dataclasses.asdict): the same
+    JSON lines, and every field reads back, outcome and disabled flags included."""
+    import dataclasses
+
+    from vllm_memoir.core import EditRecord
+
+    art = make_artifact()
+    art.edits[1] = EditRecord(edit_id=7, prompt="p\u00e9 \"q\"", target="t", enabled=False, rephrase="r",
+                              subject="s", outcome={"loss": 0.5, "steps": 3, "took": False})
+    save_artifact(art, tmp_path)
+    lines = next(tmp_path.glob("edits-v*.jsonl")).read_text().splitlines()
+    assert lines == [json.dumps(dataclasses.asdict(e)) for e in art.edits]
+    assert load_artifact(tmp_path).edits == art.edits
+
+
+def test_reading_records_leaves_the_garbage_collector_as_it_was(tmp_path):
+    """The loader holds the collector while it builds records, and gives it back, also when a
+    record is refused."""
+    import gc
+
+    save_artifact(make_artifact(), tmp_path)
+    assert gc.isenabled()
+    load_artifact(tmp_path)
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        load_artifact(tmp_path)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+    edits = next(tmp_path.glob("edits-v*.jsonl"))
+    edits.write_text(edits.read_text() + "not json\n")
+    with pytest.raises(ArtifactError, match=r"jsonl:4: not valid JSON"):
+        artifact_module._read_edits(edits)
+    assert gc.isenabled()
+
+
 def test_new_version_replaces_old_files(tmp_path):
     save_artifact(make_artifact(2), tmp_path)
     save_artifact(make_artifact(3, seed=1), tmp_path)

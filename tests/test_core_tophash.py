@@ -47,17 +47,74 @@ def test_overlap_counts_chunked_matches_unchunked():
     assert torch.equal(overlap_counts(query, stored, chunk_rows=7), overlap_counts(query, stored))
 
 
-def test_native_and_swar_popcount_paths_agree():
-    """The CPU path (numpy popcount) and the torch path used on GPU give the same counts."""
-    from vllm_memoir.core.tophash import _overlap_counts_swar
+def _torch_path_counts(query: torch.Tensor, stored: torch.Tensor, chunk_rows: int) -> torch.Tensor:
+    """overlap counts through the pure-torch path (the one a GPU runs), on CPU."""
+    from vllm_memoir.core.tophash import _block_counts_torch
 
+    blocks = _block_counts_torch(query.view(torch.int64), stored.view(torch.int64), chunk_rows)
+    return torch.cat([counts for _, counts in blocks], dim=1).int()
+
+
+@pytest.mark.parametrize("queries", [1, 3, 4, 9])  # both sides of MATMUL_MIN_QUERIES
+def test_native_and_torch_paths_agree(queries):
+    """The CPU path (numpy popcount) and the torch path used on GPU (SWAR for few queries, a
+    float matrix product for more) give the dense formula's counts."""
     stored = pack_indices(_random_masks(50, 30, seed=3), DIM)
-    query = pack_indices(_random_masks(4, 30, seed=4), DIM)
+    query = pack_indices(_random_masks(queries, 30, seed=4), DIM)
     dense_s, dense_q = unpack_bits(stored, DIM).float(), unpack_bits(query, DIM).float()
     expected = (dense_q @ dense_s.T).int()
-    words_q, words_s = query.view(torch.int64), stored.view(torch.int64)
-    swar = _overlap_counts_swar(words_q, words_s, torch.empty(4, 50, dtype=torch.int32), chunk_rows=9)
-    assert torch.equal(swar, expected) and torch.equal(overlap_counts(query, stored), expected)
+    assert torch.equal(_torch_path_counts(query, stored, chunk_rows=9), expected)
+    assert torch.equal(overlap_counts(query, stored), expected)
+
+
+def _per_prompt_reference(query, stored, top_k, threshold, enabled=None):
+    """match_routes as it was: one prompt at a time, the whole [E] count row, max over it."""
+    dense_s = unpack_bits(stored, stored.shape[1] * 8).float()
+    routes, bests, overlaps = [], [], []
+    for row in unpack_bits(query, query.shape[1] * 8).float():
+        counts = (dense_s @ row).long()
+        if enabled is not None:
+            counts[~enabled] = -1
+        best = int(counts.argmax()) if len(counts) else NO_ROUTE  # argmax: the first maximum
+        count = int(counts[best])
+        overlap = float(torch.tensor(max(count, 0), dtype=torch.float32) / top_k)  # float32, as served
+        routes.append(best if count >= 0 and overlap >= threshold else NO_ROUTE)
+        bests.append(best)
+        overlaps.append(overlap)
+    return routes, bests, overlaps
+
+
+@pytest.mark.parametrize("chunk_rows", [None, 1, 7, 64])
+def test_batched_match_equals_the_per_prompt_reference(chunk_rows):
+    """Many prompts in one pass over the stored masks route exactly as one at a time: random
+    masks, exact duplicates across block borders (ties -> earliest), disabled edits."""
+    from vllm_memoir.core.tophash import best_overlaps
+
+    k = 60
+    stored_idx = _random_masks(200, k, seed=5)
+    # Rows 150 and 199 duplicate rows 3 and 150: ties inside and across blocks.
+    stored_idx[150], stored_idx[199] = stored_idx[3], stored_idx[3]
+    stored = pack_indices(stored_idx, DIM)
+    query = pack_indices(torch.cat([stored_idx[[3, 10, 150]], _random_masks(29, k, seed=6)]), DIM)
+    gen = torch.Generator().manual_seed(7)
+    for enabled in (None, torch.rand(200, generator=gen) > 0.4, torch.zeros(200, dtype=torch.bool)):
+        for threshold in (0.3, 0.9):
+            want = _per_prompt_reference(query, stored, k, threshold, enabled)
+            route, best, overlap = match_routes(query, stored, k, threshold, enabled)
+            assert (route.tolist(), best.tolist(), overlap.tolist()) == want
+            if chunk_rows is not None:  # the same result block by block, on both paths
+                count, row = best_overlaps(query, stored, enabled, chunk_rows)
+                assert row.tolist() == want[1] and (count.clamp(min=0).float() / k).tolist() == want[2]
+    # The torch path's reduction (the GPU's) agrees too.
+    import vllm_memoir.core.tophash as tophash
+    original = tophash._on_numpy
+    tophash._on_numpy = lambda stored: False
+    try:
+        enabled = torch.rand(200, generator=gen) > 0.4
+        assert [t.tolist() for t in match_routes(query, stored, k, 0.3, enabled)] == \
+            list(_per_prompt_reference(query, stored, k, 0.3, enabled))
+    finally:
+        tophash._on_numpy = original
 
 
 def test_match_routes_threshold_ties_and_disabled():

@@ -124,6 +124,20 @@ def test_jsonl_with_optional_fields(tmp_path):
     assert (third.rephrase, third.loc) == (None, None)
 
 
+def test_zsre_with_loc_neighbour_and_without(tmp_path):
+    # The facts edit sets add loc_neighbour / loc_neighbour_ans to the ZsRE format; files
+    # without them (the public ZsRE) read as before.
+    with_neighbour = {"src": "a ?", "alt": "b", "loc": "c ?", "loc_ans": "d", "loc_neighbour": "e ?",
+                      "loc_neighbour_ans": "f"}
+    path = _write_json(tmp_path, [with_neighbour, {"src": "g ?", "alt": "h", "loc": "i ?", "loc_ans": "j"}])
+    first, second = load_edit_dataset(path)
+    assert (first.loc, first.loc_ans, first.loc_neighbour, first.loc_neighbour_ans) == ("c ?", "d", "e ?", "f")
+    assert (second.loc, second.loc_neighbour, second.loc_neighbour_ans) == ("i ?", None, None)
+    assert load_text_pool(path) == ["c ?", "a ?", "i ?", "g ?"]  # background texts: `loc` only, as before
+    with pytest.raises(DatasetError, match="record 0 field 'loc_neighbour' must be a string"):
+        load_edit_dataset(_write_json(tmp_path, [{**with_neighbour, "loc_neighbour": 3}]))
+
+
 @pytest.mark.parametrize(
     "record, kind",
     [
@@ -334,3 +348,29 @@ def test_a_record_of_another_format_is_named(tmp_path, kind):
     missing = prompt if prompt not in other else _KEYS[kind][1]
     with pytest.raises(DatasetError, match=rf"{path.name}: record 1 field '{missing}' is missing"):
         load_edit_dataset(path)
+
+
+@pytest.mark.parametrize("folder, seed", [("", None), ("wide", 7)])
+def test_facts_edit_sets_have_unrelated_and_neighbour_locality(folder, seed):
+    from edit_tools.facts.world import DEFAULT_SEED, generate_world
+
+    world = generate_world(DEFAULT_SEED if seed is None else seed)
+    facts = {(f.subject, f.relation): f for f in world.facts}
+    subjects = sorted(world.subjects, key=len, reverse=True)  # longest first: no name is a prefix match
+    path = Path(__file__).resolve().parents[1] / "data" / "facts" / folder / "zsre-facts-T1000.json"
+    records = _raw(path)
+    edited = {r["subject"] for r in records}
+
+    def fact_asked(prompt: str, answer: str):
+        subject = next(s for s in subjects if prompt.startswith(s + " "))
+        return next(f for (s, _), f in facts.items() if s == subject and f.answer == answer), subject
+
+    for r in records:
+        unrelated, loc_subject = fact_asked(r["loc"], r["loc_ans"])
+        neighbour, neighbour_subject = fact_asked(r["loc_neighbour"], r["loc_neighbour_ans"])
+        assert loc_subject not in edited and neighbour_subject not in edited
+        assert unrelated.relation != r["relation"], "loc asks another relation"
+        assert neighbour.relation == r["relation"], "loc_neighbour asks the edit's relation"
+        assert r["loc_neighbour"].replace(neighbour_subject, r["subject"]) == r["src"], "... in the edit's template"
+    requests = load_edit_dataset(path, limit=3)
+    assert all(q.loc_neighbour and q.loc_neighbour_ans for q in requests)

@@ -24,7 +24,8 @@ from edit_tools.editor import run_edit_job
 from edit_tools.hparams import MemoirHyperParams
 from edit_tools.tiny_models import build_tiny_llama
 from vllm_memoir.core import artifact as artifact_module
-from vllm_memoir.server_process import VllmServer, memoir_overrides
+from vllm_memoir.server_process import VllmServer
+from vllm_memoir.engine_requirements import hf_overrides_args
 
 LAYER = 1
 INTER = 500  # not a multiple of 8: the masks' last byte has bits beyond intermediate_size
@@ -232,7 +233,7 @@ def test_real_server_refuses_a_truncated_artifact(tiny_model_dir, words_dataset,
                            irr_threshold=0.6).validate()
     run_edit_job(tiny_model_dir, words_dataset, hp, artifact, limit=2, progress=False)
     truncate(artifact, refresh=False)
-    server = VllmServer(tiny_model_dir, [*COMMON, "--enforce-eager", *memoir_overrides(artifact)], tmp_path / "refused.log")
+    server = VllmServer(tiny_model_dir, [*COMMON, "--enforce-eager", *hf_overrides_args(artifact)], tmp_path / "refused.log")
     code = server.wait_for_exit(300)
     assert code != 0, server.log_tail()
     log = server.log_text()

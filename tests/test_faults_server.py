@@ -22,7 +22,8 @@ from plugin_reference import served_client, served_token_ids, split_clear_of_thr
 from served_edits import COMMON, MARGIN, THRESHOLD, clear_prompts, edit
 
 from edit_tools.hf_model import MemoirHFModel
-from vllm_memoir.server_process import VllmServer, memoir_overrides, metric_value
+from vllm_memoir.server_process import VllmServer, metric_value
+from vllm_memoir.engine_requirements import hf_overrides_args
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
@@ -54,7 +55,7 @@ def prompts(words_dataset, reference):
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, artifact_dir, tmp_path_factory):
     log = tmp_path_factory.mktemp("logs") / "faults.log"
-    args = [*COMMON, *SMALL_KV, *memoir_overrides(artifact_dir)]
+    args = [*COMMON, *SMALL_KV, *hf_overrides_args(artifact_dir)]
     with VllmServer(tiny_model_dir, args, log, env={"MEMOIR_LOG_LEVEL": "DEBUG"}) as running:
         print(f"faults server start-up: {running.startup_seconds:.0f} s")
         running.model_name = running.client().models.list().data[0].id

@@ -32,7 +32,8 @@ from edit_tools.editor import run_edit_job
 from edit_tools.hf_model import MemoirHFModel
 from edit_tools.hparams import MemoirHyperParams
 from vllm_memoir.core import read_manifest
-from vllm_memoir.server_process import REQUIRED_FLAGS, VllmServer, memoir_overrides
+from vllm_memoir.server_process import VllmServer
+from vllm_memoir.engine_requirements import ROUTING_FLAGS, hf_overrides_args
 
 REPO = Path(__file__).resolve().parents[1]
 FACTS_MODEL = REPO / "models" / "facts-llama"
@@ -40,7 +41,7 @@ EDITS = REPO / "data" / "facts" / "zsre-facts-T10.json"
 HPARAMS = REPO / "configs" / "facts-llama.yaml"
 N_V1, K_APPENDED = 3, 2
 ADMIN_KEY, API_KEY = "admin-key-for-tests", "api-key-for-tests"
-SERVE_ARGS = ["--dtype", "float32", "--max-model-len", "64", "--api-key", API_KEY, *REQUIRED_FLAGS]
+SERVE_ARGS = ["--dtype", "float32", "--max-model-len", "64", "--api-key", API_KEY, *ROUTING_FLAGS]
 
 
 # --- unit checks (no server) ------------------------------------------------------------------
@@ -99,7 +100,7 @@ def test_rebase_keeps_running_routes_and_reroutes_new_requests():
     new requests with the same prompt are routed again, an edit that is gone leaves its requests unrouted."""
     from vllm_memoir.core import NO_ROUTE
     from vllm_memoir.core.routing import RouteDecision
-    from vllm_memoir.request_routes import PENDING, RequestRoutes
+    from vllm_memoir.routing.requests import PENDING, RequestRoutes
 
     routes = RequestRoutes(capacity=4)
     routes.add(0, [5, 6, 7], is_new_request=True)
@@ -415,7 +416,7 @@ def references(artifacts):
 def server(artifacts, tmp_path_factory):
     log = tmp_path_factory.mktemp("logs") / "live-edits.log"
     env = {"MEMOIR_ADMIN": "1", "MEMOIR_ADMIN_KEY": ADMIN_KEY, "MEMOIR_LOG_LEVEL": "DEBUG"}
-    with VllmServer(FACTS_MODEL, [*SERVE_ARGS, *memoir_overrides(artifacts["v1"])], log, env=env,
+    with VllmServer(FACTS_MODEL, [*SERVE_ARGS, *hf_overrides_args(artifacts["v1"])], log, env=env,
                     startup_timeout=600) as running:
         print(f"live-edit server (compiled): start-up {running.startup_seconds:.0f} s")
         yield running
@@ -788,7 +789,7 @@ def test_two_rank_swap(artifacts, references, records, tmp_path_factory):
     if len(cores) < 2:
         pytest.skip("two CPU cores are needed to bind two tensor-parallel workers")
     env = {"MEMOIR_ADMIN": "1", "MEMOIR_ADMIN_KEY": ADMIN_KEY, "VLLM_CPU_OMP_THREADS_BIND": f"{cores[0]}|{cores[1]}"}
-    args = [*SERVE_ARGS, "--enforce-eager", "--tensor-parallel-size", "2", *memoir_overrides(artifacts["v1"])]
+    args = [*SERVE_ARGS, "--enforce-eager", "--tensor-parallel-size", "2", *hf_overrides_args(artifacts["v1"])]
     log = tmp_path_factory.mktemp("logs") / "tp2.log"
     with VllmServer(FACTS_MODEL, args, log, env=env, startup_timeout=600) as server:
         completer, admin = Completer(server), Admin(server)

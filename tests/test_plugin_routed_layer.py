@@ -8,10 +8,10 @@ import pytest
 import torch
 from helpers import synthetic_artifact
 
-from vllm_memoir import request_routes, routing_op
 from vllm_memoir.core import NO_ROUTE, masked_residual, unpack_bits
-from vllm_memoir.request_routes import RequestRoutes
-from vllm_memoir.routing_op import TokenLayout
+from vllm_memoir.routing import requests as request_routes
+from vllm_memoir.routing.layout import TokenLayout
+from vllm_memoir.routing.requests import RequestRoutes
 
 H, D = 16, 64
 
@@ -20,8 +20,6 @@ H, D = 16, 64
 def layer():
     from vllm.config import VllmConfig, set_current_vllm_config
     from vllm.distributed import init_distributed_environment, initialize_model_parallel
-
-    from vllm_memoir.routed_down_proj import MemoirDownProj
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -35,21 +33,32 @@ def layer():
         init_distributed_environment(1, 0, f"tcp://127.0.0.1:{port}", 0, "gloo")
         initialize_model_parallel(1)
         artifact, features = synthetic_artifact(hidden=H, dim=D, top_k=8, aggregation="mean")
-        module = MemoirDownProj(input_size=D, output_size=H, bias=False, prefix="model.layers.1.mlp.down_proj",
-                                artifact=artifact)
-        torch.nn.init.normal_(module.weight)
-        weight = module.weight.detach().clone()
-        module.quant_method.process_weights_after_loading(module)  # what vLLM does after loading (may repack)
+        module, weight = wrapped_layer(artifact, "model.layers.1.mlp.down_proj")
     return module, artifact, features, weight
+
+
+def wrapped_layer(artifact, prefix):
+    """A loaded RowParallelLinear (random weights) wrapped in a MemoirDownProj, as the model class does."""
+    from vllm.model_executor.layers.linear import RowParallelLinear
+
+    from vllm_memoir.routing.layer import MemoirDownProj
+
+    base = RowParallelLinear(input_size=D, output_size=H, bias=False, prefix=prefix)
+    torch.nn.init.normal_(base.weight)
+    weight = base.weight.detach().clone()
+    base.quant_method.process_weights_after_loading(base)  # what vLLM does after loading (may repack)
+    return MemoirDownProj(base, artifact), weight
 
 
 @pytest.fixture
 def batch(monkeypatch):
+    from vllm_memoir.routing import step as routing_step
+
     """A RequestRoutes fed by hand, and the token layout the op will see."""
     routes = RequestRoutes()
     layout = {}
     monkeypatch.setattr(request_routes, "_ACTIVE", routes)
-    monkeypatch.setattr(routing_op, "current_layout", lambda: layout.get("now"))
+    monkeypatch.setattr(routing_step, "current_layout", lambda: layout.get("now"))
     return routes, layout
 
 
@@ -120,21 +129,23 @@ def test_a_partial_prompt_is_an_error_not_a_silent_misroute(layer, batch):
     routes, layout = batch
     routes.add(0, [1, 2, 3, 4, 5, 6])
     routes.set_batch(1)
-    layout["now"] = TokenLayout(query_start=[0, 4], seq_lens=[4])  # a 4-token chunk of a 6-token prompt
-    with pytest.raises(RuntimeError, match="chunked prefill"), torch.no_grad():
-        module(torch.randn(4, D))
+    routes.add(1, [1, 2, 3])
+    routes.set_batch(2)
+    # Row 0: the last 2 tokens of a 6-token prompt, the first 4 never seen here; row 1 whole.
+    layout["now"] = TokenLayout(query_start=[0, 2, 5], seq_lens=[6, 3])
+    with torch.no_grad():
+        module(torch.randn(5, D))
+    # Decided on the device; the host finds out when it reads the decisions back.
+    with pytest.raises(RuntimeError, match="chunked prefill"):
+        routes.row_routes()
 
 
-@pytest.mark.parametrize("dense_from", [1, 10**9], ids=["one-matmul", "per-edit"])
-def test_many_edits_in_one_forward_each_row_gets_its_own_edit(layer, batch, monkeypatch, dense_from):
-    """The one-matmul path (from DENSE_MIN_EDITS distinct edits) and the per-edit path add the
-    same residual to each routed row, and nothing to the unrouted one."""
-    from vllm_memoir import routed_down_proj
+def test_many_edits_in_one_forward_each_row_gets_its_own_edit(layer, batch):
+    """One matmul adds each routed row its own edit's residual, and nothing to the unrouted one."""
     from vllm_memoir.core.routing import RouteDecision
 
     module, artifact, _, _ = layer
     routes, layout = batch
-    monkeypatch.setattr(routed_down_proj, "DENSE_MIN_EDITS", dense_from)
     edits = [0, NO_ROUTE, 1, 2, 0]  # row 0: a 3-token prefill; row 1: 2 unrouted tokens; then decodes
     for row, edit in enumerate(edits):
         routes.add(row, [row + 1, 7], is_new_request=True)
@@ -152,7 +163,7 @@ def test_many_edits_in_one_forward_each_row_gets_its_own_edit(layer, batch, monk
             assert torch.equal(out[start:end], base[start:end])
         else:
             want = base[start:end] + edit_residual(artifact, x[start:end], edit)
-            assert torch.allclose(out[start:end], want, atol=1e-4), (edit, dense_from)
+            assert torch.allclose(out[start:end], want, atol=1e-4), edit
 
 
 def test_a_prompt_in_chunks_is_routed_when_its_last_token_arrives(layer, batch):
@@ -160,17 +171,13 @@ def test_a_prompt_in_chunks_is_routed_when_its_last_token_arrives(layer, batch):
     the last one is routed as the whole prompt is, from the chunks' per-block input sums."""
     from vllm.config import VllmConfig, set_current_vllm_config
 
-    from vllm_memoir.routed_down_proj import MemoirDownProj
-
     _, artifact, features, _ = layer
     routes, layout = batch
     config = VllmConfig()
     config.cache_config.block_size = 4
+    config.cache_config.enable_prefix_caching = True
     with set_current_vllm_config(config):
-        module = MemoirDownProj(input_size=D, output_size=H, bias=False, prefix="model.layers.3.mlp.down_proj",
-                                artifact=artifact)
-    torch.nn.init.normal_(module.weight)
-    module.quant_method.process_weights_after_loading(module)
+        module, _ = wrapped_layer(artifact, "model.layers.3.mlp.down_proj")
     # Routes to edit 1 as a whole; its last token alone (all the last chunk holds) does not.
     noise = torch.randn(6, D, generator=torch.Generator().manual_seed(3))
     prompt = torch.cat([features[1].repeat(5, 1) + noise[:5] * 0.05, noise[5:] * 3])
@@ -190,4 +197,60 @@ def test_a_prompt_in_chunks_is_routed_when_its_last_token_arrives(layer, batch):
         out = module(prompt[5:])[0]
     assert routes.row_routes() == [1]
     assert torch.allclose(out, base + edit_residual(artifact, prompt[5:], 1), atol=1e-5)
-    assert module.route_counts[artifact.edits[1].edit_id] == 1  # decided (and counted) once, at the last chunk
+    # Counted once, when the host reads the decision back (at the next forward: a decode step).
+    with torch.no_grad():
+        layout["now"] = TokenLayout([0, 1], [7], torch.tensor([18]), table)
+        module(torch.randn(1, D))
+    assert module.route_counts[artifact.edits[1].edit_id] == 1
+
+
+def test_decode_step_is_a_pure_tensor_function_that_compiles_without_graph_breaks():
+    """The decode step (no prompt to decide) reads only persistent buffers: torch.compile with
+    fullgraph=True traces it whole, and it equals the eager step, including the running sums it
+    records. Unrouted rows keep the base output bit for bit; routed rows get their edit's residual."""
+    from vllm_memoir.routing.decisions import ShardedPromptRouter
+    from vllm_memoir.routing.prefix_sums import PrefixSums
+    from vllm_memoir.routing.step import decode_step
+
+    artifact, _ = synthetic_artifact(hidden=H, dim=D, top_k=8, aggregation="mean")
+    router = ShardedPromptRouter(artifact, 0, 1, torch.device("cpu"))
+    memory = artifact.memory.float()
+    slot_route = torch.tensor([NO_ROUTE, 2, 0, request_routes.PENDING, 1, NO_ROUTE, NO_ROUTE, NO_ROUTE])
+    row_slots = torch.tensor([4, 0, 2, 1, 3, 5, 6, 7])  # batch row -> slot (V2's mapping)
+    # Four decode rows, then two padding tokens (a CUDA-graph-sized batch).
+    # Positions 8, 4, 11, 7; KV block size 4.
+    table = torch.tensor([[1, 2, 3], [4, 5, 0], [6, 7, 8], [9, 10, 0]])
+    layout = TokenLayout(torch.tensor([0, 1, 2, 3, 4], dtype=torch.int32), torch.tensor([9, 5, 12, 8]),
+                         torch.tensor([12, 20, 35, 43, -1, -1]), table)
+    x = torch.randn(6, D)
+    base = torch.randn(6, H)
+
+    def step(out, x, sums):
+        decode_step(out, x, layout, slot_route, row_slots, router, memory, sums)
+        return out
+
+    eager_sums, compiled_sums = (PrefixSums(4, D, "cpu", num_blocks=16) for _ in range(2))
+    before = torch.randn(17, D)
+    eager_sums.sums, compiled_sums.sums = before.clone(), before.clone()
+    eager = step(base.clone(), x, eager_sums)
+    compiled = torch.compile(step, fullgraph=True, backend="eager")(base.clone(), x, compiled_sums)
+    assert torch.allclose(compiled, eager, atol=1e-6)
+    assert torch.allclose(compiled_sums.sums, eager_sums.sums)
+    # rows -> slots 4, 0, 2, 1 -> edits 1, none, 0, 2
+    for row, edit in enumerate((1, NO_ROUTE, 0, 2)):
+        if edit == NO_ROUTE:
+            assert torch.equal(eager[row], base[row])
+        else:
+            want = base[row] + edit_residual(artifact, x[row:row + 1], edit)[0].float()
+            assert torch.allclose(eager[row], want, atol=1e-5)
+    assert torch.equal(eager[4:], base[4:])  # padding tokens: untouched
+    # Run eagerly, the host may name the routed rows: the residual of those rows only, the same.
+    by_rows = PrefixSums(4, D, "cpu", num_blocks=16)
+    by_rows.sums = before.clone()
+    layout_rows = TokenLayout(layout.query_start, layout.seq_lens, layout.slot_mapping[:4], table)
+    subset = base[:4].clone()
+    decode_step(subset, x[:4], layout_rows, slot_route, row_slots, router, memory, by_rows, torch.tensor([0, 2, 3]))
+    assert torch.allclose(subset, eager[:4], atol=1e-6) and torch.equal(subset[1], base[1])
+    # Each decode token's block holds its row's running sum: the sum before it plus its input.
+    for row, (block, earlier_block) in enumerate([(3, 2), (5, 4), (8, 8), (10, 10)]):
+        assert torch.allclose(eager_sums.sums[block], before[earlier_block] + x[row])

@@ -16,7 +16,8 @@ from served_edits import COMMON, clear_prompts, edit
 
 from edit_tools.hf_model import MemoirHFModel
 from edit_tools.tiny_models import build_tiny_llama, build_word_tokenizer, default_words
-from vllm_memoir.server_process import VllmServer, memoir_overrides, metric_value, start_all
+from vllm_memoir.server_process import VllmServer, metric_value, start_all
+from vllm_memoir.engine_requirements import hf_overrides_args
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
@@ -74,11 +75,11 @@ class TestEager:
     def servers(cls, tiny_model_dir, artifact_dir, mistral, tmp_path_factory):
         logs = tmp_path_factory.mktemp("logs")
         servers = {
-            "memoir": VllmServer(tiny_model_dir, [*COMMON, "--enforce-eager", *memoir_overrides(artifact_dir)],
+            "memoir": VllmServer(tiny_model_dir, [*COMMON, "--enforce-eager", *hf_overrides_args(artifact_dir)],
                                  logs / "eager.log", env={"MEMOIR_LOG_LEVEL": "DEBUG"}),
             "base": VllmServer(tiny_model_dir, [*COMMON, "--enforce-eager"], logs / "base.log"),
             "mistral": VllmServer(mistral[0], [*COMMON, "--enforce-eager",
-                                               *memoir_overrides(mistral[1], "MemoirMistralForCausalLM")],
+                                               *hf_overrides_args(mistral[1], "MemoirMistralForCausalLM")],
                                   logs / "mistral.log"),
         }
         start_all(list(servers.values()))
@@ -166,8 +167,8 @@ class TestCompiledAndRefusals:
         runs = {
             # vLLM's defaults: prefix caching and chunked prefill both on.
             "defaults": VllmServer(tiny_model_dir, ["--dtype", "float32", "--max-model-len", "256", "--enforce-eager",
-                                                    *memoir_overrides(artifact_dir)], logs / "defaults.log"),
-            "foreign": VllmServer(other_model, [*COMMON, "--enforce-eager", *memoir_overrides(artifact_dir)],
+                                                    *hf_overrides_args(artifact_dir)], logs / "defaults.log"),
+            "foreign": VllmServer(other_model, [*COMMON, "--enforce-eager", *hf_overrides_args(artifact_dir)],
                                   logs / "foreign.log"),
         }
         pool = ThreadPoolExecutor(len(runs))
@@ -179,7 +180,7 @@ class TestCompiledAndRefusals:
                                              tmp_path_factory):
         """torch.compile (no --enforce-eager) and a KV cache small enough to force preemptions."""
         log = tmp_path_factory.mktemp("logs") / "compiled.log"
-        args = [*COMMON, "--block-size", "32", "--num-gpu-blocks-override", "12", *memoir_overrides(artifact_dir)]
+        args = [*COMMON, "--block-size", "32", "--num-gpu-blocks-override", "12", *hf_overrides_args(artifact_dir)]
         with VllmServer(tiny_model_dir, args, log, env={"MEMOIR_LOG_LEVEL": "DEBUG"}) as server:
             client = served_client(server)
             mixed = prompts["routed"][:10] + prompts["unrouted"][:10]
@@ -210,7 +211,7 @@ class TestTensorParallel:
             pytest.skip("two CPU cores are needed to bind two tensor-parallel workers")
         # vLLM's CPU workers bind to NUMA nodes by default; one node here, so bind one core each.
         env = {"VLLM_CPU_OMP_THREADS_BIND": f"{cores[0]}|{cores[1]}"}
-        args = [*COMMON, "--enforce-eager", "--tensor-parallel-size", "2", *memoir_overrides(artifact_dir)]
+        args = [*COMMON, "--enforce-eager", "--tensor-parallel-size", "2", *hf_overrides_args(artifact_dir)]
         with VllmServer(tiny_model_dir, args, tmp_path_factory.mktemp("logs") / "tp2.log", env=env) as server:
             print(f"tensor-parallel server: start-up {server.startup_seconds:.0f} s")
             mixed = prompts["routed"] + prompts["unrouted"]

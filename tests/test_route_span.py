@@ -113,7 +113,7 @@ def test_templates_without_markers_are_refused(chat_tokenizer):
 
 
 def test_request_routes_keep_each_slot_span():
-    from vllm_memoir.request_routes import PENDING, RequestRoutes
+    from vllm_memoir.routing.requests import PENDING, RequestRoutes
 
     routes = RequestRoutes(capacity=2, route_span=SPAN)
     routes.add(0, [1, 90, 91, 5, 6, 92, 7], is_new_request=True)
@@ -145,8 +145,8 @@ def _record(block_sums, span_sums, x, positions, table, boundaries, size):
 
 @pytest.mark.parametrize("size", [4, 5])
 def test_span_sums_are_exact_for_chunks_and_shared_blocks(size):
-    from vllm_memoir.block_feature_sums import BlockFeatureSums
-    from vllm_memoir.span_block_sums import SpanBlockSums
+    from vllm_memoir.routing.block_sums import BlockFeatureSums
+    from vllm_memoir.routing.span_sums import SpanBlockSums
 
     rng = random.Random(size)
     dim = 3
@@ -181,8 +181,8 @@ def test_span_sums_are_exact_for_chunks_and_shared_blocks(size):
 
 
 def test_span_sums_flag_blocks_without_matching_offsets():
-    from vllm_memoir.block_feature_sums import BlockFeatureSums
-    from vllm_memoir.span_block_sums import SpanBlockSums
+    from vllm_memoir.routing.block_sums import BlockFeatureSums
+    from vllm_memoir.routing.span_sums import SpanBlockSums
 
     size, dim = 4, 2
     ids = [1, 5, 90, 91, 6, 7, 92, 93]  # span [4, 6) starts inside block 1

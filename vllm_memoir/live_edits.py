@@ -19,9 +19,9 @@ from typing import Any
 
 import torch
 
-from vllm_memoir import request_routes
+from vllm_memoir.routing import requests as request_routes
 from vllm_memoir.core import NO_ROUTE
-from vllm_memoir.routed_down_proj import MemoirDownProj, StagedEdits
+from vllm_memoir.routing.layer import MemoirDownProj, StagedEdits
 from vllm_memoir.validation import MemoirConfigError, artifact_sha256
 
 logger = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ class UnknownEditError(LiveEditError):
 
 
 def _device_of(layer: torch.nn.Module) -> torch.device:
-    return layer.weight.device
+    return layer.device
 
 
 def edited_layer(model: torch.nn.Module) -> MemoirDownProj:

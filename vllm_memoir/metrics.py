@@ -53,7 +53,7 @@ _inexact_span_counter = None
 
 def count_inexact_span_feature() -> None:
     """A route feature over the last user message that block sums could not give exactly
-    (vllm_memoir/span_block_sums.py): the request was routed on an approximation."""
+    (vllm_memoir/routing/span_sums.py): the request was routed on an approximation."""
     global _inexact_span_counter
     if _inexact_span_counter is None:
         from prometheus_client import Counter

@@ -2,36 +2,31 @@
 
 Select one with --hf-overrides '{"architectures": ["MemoirLlamaForCausalLM"],
 "memoir_path": "/path/to/artifact"}'. Everything but the edited layer's down_proj is the
-stock vLLM model, and the base checkpoint loads unchanged.
+stock vLLM model; that one is wrapped (routing.layer), and the base checkpoint loads
+unchanged: its weights for the wrapped projection are renamed on the way in.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from pathlib import Path
+
+import torch
 
 from vllm.config import VllmConfig
 from vllm.model_executor.models.llama import LlamaForCausalLM
 from vllm.model_executor.models.mistral import MistralForCausalLM
 from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
 
-from vllm_memoir import request_routes
 from vllm_memoir.core import ArtifactError, MemoirArtifact, load_artifact
-from vllm_memoir.routed_down_proj import install_memoir_down_proj
-from vllm_memoir.plugin import V1_TRACKER
-from vllm_memoir.validation import (
-    MemoirConfigError,
-    ServedModel,
-    artifact_sha256,
-    check_artifact_fits,
-    check_engine_settings,
-    check_expected_artifact,
-    check_prompt_splitting,
-    load_manifest,
-    memoir_path_from_config,
-    served_fingerprint,
-    warn_if_untested_vllm,
-)
+from vllm_memoir.engine_requirements import (V1_TRACKER, check_engine_settings, check_prompt_splitting,
+                                             warn_if_untested_vllm)
+from vllm_memoir.routing import requests as request_routes
+from vllm_memoir.routing.layer import base_layer_weight_name, install_memoir_down_proj
+from vllm_memoir.validation import (MemoirConfigError, ServedModel, artifact_sha256, check_artifact_fits,
+                                    check_expected_artifact, load_manifest, memoir_path_from_config,
+                                    served_fingerprint)
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +73,12 @@ class MemoirModelMixin:
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         artifact = load_artifact_for(vllm_config)
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        install_memoir_down_proj(self.model, artifact.manifest.layer_index, artifact)
+        self._memoir_layer_index = artifact.manifest.layer_index
+        install_memoir_down_proj(self.model, self._memoir_layer_index, artifact)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        index = self._memoir_layer_index
+        return super().load_weights((base_layer_weight_name(name, index), tensor) for name, tensor in weights)
 
     @staticmethod
     def get_model_state_cls():

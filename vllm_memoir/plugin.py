@@ -7,8 +7,6 @@ import os
 
 ARCHITECTURES = ("MemoirLlamaForCausalLM", "MemoirQwen2ForCausalLM", "MemoirMistralForCausalLM")
 LOG_LEVEL_ENV = "MEMOIR_LOG_LEVEL"
-# The V1 runner's request tracker, for --logits-processors (see runner_v1).
-V1_TRACKER = "vllm_memoir.runner_v1:MemoirBatchTracker"
 
 
 def register() -> None:
@@ -32,7 +30,7 @@ def _split_compiled_graphs_at_routing_op() -> None:
     """
     from vllm.config import CompilationConfig
 
-    from vllm_memoir.validation import ROUTING_OP
+    from vllm_memoir.engine_requirements import ROUTING_OP
 
     if ROUTING_OP not in CompilationConfig._attention_ops:
         CompilationConfig._attention_ops.append(ROUTING_OP)

@@ -53,7 +53,7 @@ def check_serve_command(argv: list[str], on_cpu: bool) -> Preflight:
     try:
         if on_cpu:
             check_kv_cache_env(os.environ.get(cpu_kv_cache.ENV))
-        overrides, memoir_class = memoir_overrides(args.hf_overrides)
+        overrides, memoir_class = hf_overrides_args(args.hf_overrides)
         model_dir = local_model_dir(args.model, required=memoir_class is not None)
         artifact = check_memoir_start(args, model_dir, overrides, on_cpu) if memoir_class else None
     except MemoirConfigError as exc:
@@ -75,8 +75,8 @@ def check_kv_cache_env(value: str | None) -> None:
                                 f"(vLLM reads it as an integer), e.g. {cpu_kv_cache.ENV}=2")
 
 
-def memoir_overrides(text: str | None) -> tuple[dict[str, Any], str | None]:
-    from vllm_memoir.hf_overrides import memoir_class_in, parse_overrides
+def hf_overrides_args(text: str | None) -> tuple[dict[str, Any], str | None]:
+    from vllm_memoir.engine_requirements import memoir_class_in, parse_overrides
 
     if text is None:
         return {}, None
@@ -188,9 +188,8 @@ def engine_settings(args: ServeArgs, hf_config: Any, model_dir: Path, dtype, on_
 
 def check_memoir_start(args: ServeArgs, model_dir: Path, overrides: dict[str, Any], on_cpu: bool) -> Path:
     """The plugin's start-up checks on the artifact, the model and the engine flags; returns the artifact path."""
-    from vllm_memoir.validation import (MemoirConfigError, ServedModel, check_artifact_fits, check_base_fingerprint,
-                                        check_engine_settings, check_expected_artifact, check_prompt_splitting,
-                                        load_manifest, memoir_path_from_config)
+    from vllm_memoir.validation import MemoirConfigError, ServedModel, check_artifact_fits, check_base_fingerprint, check_expected_artifact, load_manifest, memoir_path_from_config
+    from vllm_memoir.engine_requirements import check_engine_settings, check_prompt_splitting
 
     hf_config = load_hf_config(model_dir, overrides)
     path = memoir_path_from_config(hf_config)

@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from vllm_memoir.edit_control import EXTENSION
-from vllm_memoir.hf_overrides import memoir_hf_overrides, routing_flags
-from vllm_memoir.plugin import V1_TRACKER
-from vllm_memoir.validation import EXPECTED_SHA256_KEY, EXPECTED_VERSION_KEY, MemoirConfigError
+from vllm_memoir.core.compatibility import EXPECTED_SHA256_KEY, EXPECTED_VERSION_KEY
+from vllm_memoir.engine_requirements import V1_TRACKER, memoir_hf_overrides, routing_flags, uses_v1_runner
+from vllm_memoir.validation import MemoirConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -32,18 +32,6 @@ logger = logging.getLogger(__name__)
 CPU_ENV_DEFAULTS = {"VLLM_CPU_KVCACHE_SPACE": "4"}
 _ACCELERATORS = ("cpu", "gpu")
 _OWN_ENGINE_KEYS = ("hf_overrides", "enable_prefix_caching", "enable_chunked_prefill", "tensor_parallel_size")
-
-
-def uses_v1_runner(accelerator: str, env_vars: dict[str, str]) -> bool:
-    """Whether replicas run vLLM's V1 model runner, which needs the request tracker.
-
-    The CPU build has no Triton and always uses V1; on GPU vLLM 0.32 defaults to Model
-    Runner V2 unless VLLM_USE_V2_MODEL_RUNNER=0.
-    """
-    setting = env_vars.get("VLLM_USE_V2_MODEL_RUNNER")
-    if setting is not None:
-        return setting.strip().lower() not in ("1", "true")
-    return accelerator == "cpu"
 
 
 def memoir_engine_kwargs(
@@ -65,12 +53,12 @@ def memoir_engine_kwargs(
     # vLLM's defaults for an edit at the last decoder layer; both off below it (validation).
     for flag in routing_flags(model, artifact):
         kwargs[flag.removeprefix("--no-").replace("-", "_")] = False
-    if uses_v1_runner(accelerator, env_vars):
+    if uses_v1_runner(accelerator == "gpu", env_vars):
         processors = list(kwargs.get("logits_processors") or [])
         kwargs["logits_processors"] = processors if V1_TRACKER in processors else [V1_TRACKER, *processors]
     if accelerator == "gpu":
-        # Piecewise CUDA graphs split at the routing op; full graphs would freeze its host-side
-        # decisions (validation.check_cuda_graph_mode refuses them).
+        # Piecewise CUDA graphs split at the routing op; full graphs are refused
+        # (engine_requirements.check_cuda_graph_mode says why).
         kwargs.setdefault("compilation_config", {"cudagraph_mode": "PIECEWISE"})
     return kwargs
 

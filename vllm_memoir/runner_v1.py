@@ -17,14 +17,14 @@ import torch
 
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
-from vllm_memoir import request_routes
+from vllm_memoir.routing import requests as request_routes
 
 
 class MemoirBatchTracker(LogitsProcessor):
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool):
         # Persistent-batch rows are the slots; there are at most max_num_seqs of them.
         max_rows = vllm_config.scheduler_config.max_num_seqs if vllm_config is not None else None
-        self.routes = request_routes.attach(self, max_rows or request_routes.DEFAULT_CAPACITY)
+        self.routes = request_routes.attach(self, max_rows or request_routes.DEFAULT_CAPACITY, device)
 
     def is_argmax_invariant(self) -> bool:
         return True  # never changes logits

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 from vllm.v1.worker.gpu.model_states.default import DefaultModelState
 
-from vllm_memoir import request_routes
+from vllm_memoir.routing import requests as request_routes
 
 
 class MemoirModelState(DefaultModelState):
     def __init__(self, vllm_config, model, encoder_cache, device):
         super().__init__(vllm_config, model, encoder_cache, device)
-        self.routes = request_routes.attach(self, self.max_num_reqs)
+        self.routes = request_routes.attach(self, self.max_num_reqs, self.device)
         self._slot_of: dict[str, int] = {}
 
     def add_request(self, req_index, new_req_data) -> None:

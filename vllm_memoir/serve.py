@@ -37,10 +37,9 @@ from importlib.metadata import DistributionFinder
 # its storage mode at import.
 from vllm_memoir import cpu_kv_cache
 from vllm_memoir.edit_control import EXTENSION as ADMIN_EXTENSION
-from vllm_memoir.plugin import V1_TRACKER
+from vllm_memoir.engine_requirements import PIECEWISE_FLAG, V1_TRACKER, uses_v1_runner
 from vllm_memoir.preflight import Preflight, ServeRefusal, check_serve_command
 from vllm_memoir.serve_args import parse_serve_args
-from vllm_memoir.validation import PIECEWISE_FLAG
 
 logger = logging.getLogger(__name__)
 
@@ -112,12 +111,9 @@ def use_private_metrics_dir() -> None:
 
 def expects_v2_runner() -> bool:
     """Whether vLLM will pick Model Runner V2 (needs Triton; the CPU build falls back to V1)."""
-    setting = os.environ.get("VLLM_USE_V2_MODEL_RUNNER")
-    if setting is not None:
-        return setting.strip().lower() in ("1", "true")
     from vllm.triton_utils import HAS_TRITON
 
-    return bool(HAS_TRITON)
+    return not uses_v1_runner(on_gpu=bool(HAS_TRITON), env_vars=dict(os.environ), has_triton=bool(HAS_TRITON))
 
 
 def with_tracker(args: list[str]) -> list[str]:

@@ -25,14 +25,10 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from vllm_memoir.validation import ROUTING_FLAGS
-
 logger = logging.getLogger(__name__)
 
 # Small KV cache (GiB, CPU engine only): it otherwise reserves a share of a NUMA node's memory.
 DEFAULT_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
-# The flags an artifact edited below the last decoder layer needs (validation.routing_flags_for).
-REQUIRED_FLAGS = ROUTING_FLAGS
 # How many ports one start tries before it gives up on "Address already in use".
 PORT_ATTEMPTS = 5
 ADDRESS_IN_USE = os.strerror(errno.EADDRINUSE)  # what the server logs when its port is taken
@@ -82,12 +78,6 @@ def session_listens_on(session_id: int, port: int) -> bool:
         except OSError:  # the process exited meanwhile, or is not ours to read
             continue
     return False
-
-
-def memoir_overrides(artifact: str | Path, architecture: str = "MemoirLlamaForCausalLM") -> list[str]:
-    import json
-
-    return ["--hf-overrides", json.dumps({"architectures": [architecture], "memoir_path": str(artifact)})]
 
 
 class VllmServer:

@@ -43,7 +43,12 @@ class EditRouter:
         indices = tophash_indices(features, self.top_k, self.permutation.to(features.device))
         return pack_indices(indices, self.dim)
 
-    def route_features(self, features: torch.Tensor) -> list[RouteDecision]:
+    def route_tensors(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(route, best edit, overlap) per feature row, as tensors on the masks' device."""
         query = self.query_masks(features).to(self.masks.device)
-        route, best, overlap = match_routes(query, self.masks, self.top_k, self.irr_threshold, self.enabled)
-        return [RouteDecision(int(r), int(b), float(o)) for r, b, o in zip(route, best, overlap)]
+        return match_routes(query, self.masks, self.top_k, self.irr_threshold, self.enabled)
+
+    def route_features(self, features: torch.Tensor) -> list[RouteDecision]:
+        route, best, overlap = self.route_tensors(features)
+        return [RouteDecision(int(r), int(b), float(o)) for r, b, o in zip(route.tolist(), best.tolist(),
+                                                                          overlap.tolist())]

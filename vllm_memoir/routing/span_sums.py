@@ -32,7 +32,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from vllm_memoir.block_feature_sums import BlockFeatureSums
+from vllm_memoir.routing.block_sums import BlockFeatureSums
 from vllm_memoir.core.route_span import SpanBoundaries
 
 NONE = -1

@@ -1,12 +1,10 @@
-"""Sums of the edited layer's down_proj input per KV-cache block, for prompts seen in parts.
+"""Sums of the edited layer's down_proj input per KV-cache block, for routing spans seen in parts.
 
-A route feature is the mean of layer L's down_proj input over all prompt tokens. With
-chunked prefill a prompt reaches layer L over several forwards, and with prefix caching its
-cached tokens never reach it at all. Both are covered by keeping, beside vLLM's KV cache,
-the sum of the down_proj input over the tokens written into each physical KV block: a
-request's tokens before its first position in this forward are exactly the blocks of its
-block table, whether this request computed them in an earlier chunk or another request
-computed them and the prefix cache handed them over.
+Routing on a span of the prompt (the last user message; span_sums) needs each block's own
+sum, where whole-prompt routing needs only running sums (prefix_sums): a request's tokens
+before its first position in this forward are exactly the blocks of its block table,
+whether this request computed them in an earlier chunk or another request computed them
+and the prefix cache handed them over.
 
 Exact only when the down_proj input at a position does not depend on any route, i.e. the
 edit sits at the last decoder layer (validation refuses the other cases): then the sums of
@@ -38,24 +36,6 @@ class BlockFeatureSums:
                             dtype=self.sums.dtype, device=self.sums.device)
         grown[: self.sums.shape[0]] = self.sums
         self.sums = grown
-
-    def prefix_sums(self, block_tables: torch.Tensor, first_positions: list[int]) -> torch.Tensor:
-        """Sum over positions [0, p) of each row, p its first position in this forward.
-
-        block_tables: [R, max_blocks] physical block ids of the rows; must be read before
-        record() adds this forward's tokens (a partly filled block holds only earlier ones).
-        """
-        out = torch.zeros(len(first_positions), self.sums.shape[1], dtype=self.sums.dtype, device=self.sums.device)
-        for i, position in enumerate(first_positions):
-            # Full blocks below p, plus the block p falls in when p is not at its start: that
-            # block holds positions [start, p) from this request's earlier chunk.
-            num_blocks = -(-position // self.block_size)
-            if num_blocks == 0:
-                continue
-            blocks = block_tables[i, :num_blocks].to(torch.int64)
-            self._ensure_blocks(int(blocks.max()) + 1)
-            out[i] = self.sums.index_select(0, blocks).sum(dim=0)
-        return out
 
     def record(self, x: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         """Add this forward's tokens x[t] (down_proj inputs) to the blocks their KV went to.

@@ -10,12 +10,11 @@ replicated on every rank, so matching is exactly the single-device computation.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import Callable
 
 import torch
 
-from vllm_memoir.core import MemoirArtifact, aggregate_prompt_feature, finish_feature, unpack_bits
+from vllm_memoir.core import MemoirArtifact, aggregate_prompt_feature, finish_feature
 from vllm_memoir.core.routing import EditRouter, RouteDecision
 
 AllGather = Callable[[torch.Tensor], torch.Tensor]  # concatenates ranks' tensors along the last dim
@@ -23,8 +22,7 @@ AllGather = Callable[[torch.Tensor], torch.Tensor]  # concatenates ranks' tensor
 
 class ShardedPromptRouter:
     def __init__(self, artifact: MemoirArtifact, tp_rank: int, tp_size: int, device: torch.device,
-                 all_gather: AllGather | None = None, column_cache_size: int = 4096,
-                 memory_cache_bytes: int = 256 << 20, mask_cache_bytes: int = 64 << 20):
+                 all_gather: AllGather | None = None):
         manifest = artifact.manifest
         self.dim = manifest.intermediate_size
         self.local_dim = self.dim // tp_size
@@ -38,16 +36,7 @@ class ShardedPromptRouter:
         bg = self.router.background_mean
         self.local_background = None if bg is None else bg[self.offset:self.offset + self.local_dim]
         self.all_gather = all_gather
-        self._columns: OrderedDict[int, torch.Tensor] = OrderedDict()
-        self._column_cache_size = column_cache_size
-        # W_m[:, columns] per recently routed edit, so decode steps do not re-gather them;
-        # tied to one memory tensor (a live swap serves a new one) and bounded in bytes.
-        self._gathered: OrderedDict[int, torch.Tensor] = OrderedDict()
-        self._gathered_of: torch.Tensor | None = None
-        self._gathered_bytes = 0
-        self._gathered_budget = memory_cache_bytes
-        self._masks: OrderedDict[int, torch.Tensor] = OrderedDict()
-        self._mask_cache_bytes = mask_cache_bytes
+        self._shifts = torch.arange(8, dtype=torch.uint8, device=device)
 
     def prompt_feature(self, x_prompt: torch.Tensor) -> torch.Tensor:
         """[T, D_local] down_proj inputs of one prompt -> [D_local] (this rank's slice)."""
@@ -66,9 +55,30 @@ class ShardedPromptRouter:
         count = torch.tensor([num_tokens], device=summed.device)
         return finish_feature(summed, count, self.aggregation, self.local_background)[0]
 
+    def features_from_sums(self, sums: torch.Tensor, last_inputs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """[P, D_local] features of P prompts from their summed inputs `sums`, their last prompt
+        token's input `last_inputs` (aggregation "last") and token counts `counts` [P]."""
+        if self.aggregation == "last":
+            return last_inputs.float()
+        return finish_feature(sums, counts.clamp(min=1), self.aggregation, self.local_background)
+
     def decide(self, local_features: torch.Tensor) -> list[RouteDecision]:
         """[B, D_local] feature slices -> one decision per prompt (the same on every rank)."""
         return self.router.route_features(self._global_features(local_features))
+
+    def decide_tensors(self, local_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """decide() kept on the device: (route, best edit, overlap), [B] each."""
+        return self.router.route_tensors(self._global_features(local_features))
+
+    def row_masks(self, routes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """[R] edit rows (negative: no edit) -> [R, D_local] 0/1 masks of this rank's columns.
+
+        A pure tensor function of the stored masks: rows without an edit get an all-zero mask.
+        """
+        packed = self.router.masks.index_select(0, routes.clamp(min=0))  # [R, W] uint8
+        bits = (packed.unsqueeze(-1) >> self._shifts) & 1  # bit j of byte b is column 8b + j
+        local = bits.reshape(packed.shape[0], -1)[:, self.offset:self.offset + self.local_dim]
+        return local.to(dtype) * (routes >= 0).unsqueeze(1).to(dtype)
 
     def _global_features(self, local: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:
@@ -83,49 +93,3 @@ class ShardedPromptRouter:
         gathered = self.all_gather(pairs.contiguous())  # [B, 2, k * tp]
         dense = torch.zeros(local.shape[0], self.dim, dtype=torch.float32, device=local.device)
         return dense.scatter_(1, gathered[:, 1].long(), gathered[:, 0])
-
-    def local_columns(self, edit: int) -> torch.Tensor:
-        """This rank's active columns of a stored edit's mask (indices into its D_local slice)."""
-        cols = self._columns.get(edit)
-        if cols is None:
-            active = unpack_bits(self.router.masks[edit:edit + 1], self.dim)[0].nonzero().flatten()
-            local = active[(active >= self.offset) & (active < self.offset + self.local_dim)]
-            cols = local - self.offset
-            self._columns[edit] = cols
-            if len(self._columns) > self._column_cache_size:
-                self._columns.popitem(last=False)
-        else:
-            self._columns.move_to_end(edit)
-        return cols
-
-    def local_mask(self, edit: int) -> torch.Tensor:
-        """local_columns(edit) as a [D_local] bool mask, cached per edit (bounded in bytes)."""
-        mask = self._masks.get(edit)
-        if mask is not None:
-            self._masks.move_to_end(edit)
-            return mask
-        mask = torch.zeros(self.local_dim, dtype=torch.bool, device=self.router.masks.device)
-        mask[self.local_columns(edit)] = True
-        self._masks[edit] = mask
-        if len(self._masks) * self.local_dim > self._mask_cache_bytes:
-            self._masks.popitem(last=False)
-        return mask
-
-    def local_memory_columns(self, edit: int, memory: torch.Tensor) -> torch.Tensor:
-        """memory[:, local_columns(edit)] (this rank's memory slice), cached per edit."""
-        if memory is not self._gathered_of:
-            self._gathered.clear()
-            self._gathered_of, self._gathered_bytes = memory, 0
-        gathered = self._gathered.get(edit)
-        if gathered is not None:
-            self._gathered.move_to_end(edit)
-            return gathered
-        gathered = memory.index_select(1, self.local_columns(edit))
-        size = gathered.numel() * gathered.element_size()
-        if size <= self._gathered_budget:
-            self._gathered[edit] = gathered
-            self._gathered_bytes += size
-            while self._gathered_bytes > self._gathered_budget:
-                _, old = self._gathered.popitem(last=False)
-                self._gathered_bytes -= old.numel() * old.element_size()
-        return gathered

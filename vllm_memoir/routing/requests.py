@@ -1,20 +1,22 @@
 """Which edit each request of the running batch follows, on one worker.
 
 The one place that knows about requests. Runner adapters (runner_v1, runner_v2) feed it
-batch changes before each forward; the routing op reads it during the forward and records
-the decisions it makes at a prompt's prefill.
+batch changes before each forward; it publishes each step's per-slot routes and prompt
+lengths, and the batch's row -> slot map, into persistent device buffers (host staging, one
+copy per step), as vLLM's LoRA publishes its token-to-adapter mapping. The routing op reads
+only those buffers during the forward; route decisions it makes at a prompt's prefill are
+written into the device buffer there and come back to the host afterwards (`settle`, at the
+next batch change or forward) for the decision cache, metrics and logs.
 
-State is kept per *slot*, in persistent int64 buffers (route, prompt length, routing span).
-The V1 runner's slots are its persistent-batch rows (moved and swapped as the batch
-condenses); the V2 runner's slots are its request-state indices, and each step maps batch
-rows to slots. Decisions are cached by a hash of the prompt token ids:
+State is kept per *slot*. The V1 runner's slots are its persistent-batch rows (moved and
+swapped as the batch condenses); the V2 runner's slots are its request-state indices, and
+each step maps batch rows to slots. Decisions are cached by a hash of the prompt token ids:
 the decision depends only on the prompt, so a request that leaves the batch (unscheduled or
 preempted) and comes back gets the same route without its prompt being seen again.
 
 The routing span (the prompt tokens whose inputs the route feature averages: all of them, or
 the last user message's, as the served artifact says) is found here, on the host, from the
-prompt token ids when a request enters the batch, so the forward pass only reads two
-positions per request.
+prompt token ids when a request enters the batch.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import hashlib
 import logging
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -52,15 +55,31 @@ def serve_route_span(span: RouteSpan) -> None:
     _served_span = span
 
 
-class RequestRoutes:
-    """Per-slot routes and prompt lengths in persistent int64 buffers, plus the decision cache.
+@dataclass
+class PendingReport:
+    """Route decisions made on the device in one forward, not yet seen by the host."""
 
-    The buffers are allocated once (sized for the runner's max_num_seqs) and written in
-    place before each forward, so the routing op reads state that outlives the step.
+    slots: list[int]  # the slots of the pending rows, in order
+    deciding: torch.Tensor  # [P] bool: the row's last prompt token was in the forward
+    route: torch.Tensor  # [P] the decisions (meaningful where deciding)
+    best: torch.Tensor
+    overlap: torch.Tensor
+    lost: torch.Tensor  # [P] bool: a resumed prompt with no cached decision and no earlier sums
+    partial: torch.Tensor  # [P] bool: decided on part of a prompt (prompt splitting without sums)
+    first: torch.Tensor  # [P] the row's first position in the forward (> 0: seen in parts)
+
+
+class RequestRoutes:
+    """Per-slot routes, prompt lengths and routing spans, plus the decision cache.
+
+    Host buffers (int64, CPU) are the host's view; `slot_route_dev`, `slot_prompt_len_dev`
+    and `row_slots_dev` are the routing op's, allocated once on the model's device (sized for
+    the runner's max_num_seqs) and refreshed in place by `publish()` before each forward.
     """
 
     def __init__(self, cache_size: int = DEFAULT_CACHE_SIZE, capacity: int = DEFAULT_CAPACITY,
-                 route_span: RouteSpan | None = None):
+                 route_span: RouteSpan | None = None, device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
         self.slot_route = torch.full((capacity,), NO_ROUTE, dtype=torch.int64)
         self.slot_prompt_len = torch.zeros(capacity, dtype=torch.int64)
         # [start, end) prompt positions the route feature averages (the whole prompt unless the
@@ -73,6 +92,8 @@ class RequestRoutes:
         self._route_span = route_span  # None: the served artifact's
         self._row_slots: torch.Tensor | None = None  # None: row i is slot i (V1)
         self.num_rows = 0
+        self._allocate_device_buffers(capacity)
+        self._changed = False  # host state not yet published to the device buffers
         # Entries are plain (route, best_edit, overlap) tuples, not RouteDecision objects: up
         # to 2**18 of them live for the server's lifetime, and tuples of numbers are untracked
         # by the cyclic garbage collector, so full collections never walk them.
@@ -83,6 +104,20 @@ class RequestRoutes:
         self._carried: dict[bytes, tuple[int, int, float]] = {}
         # Decisions not yet logged and counted: (decision, prompt length). New requests only.
         self.new_decisions: list[tuple[RouteDecision, int]] = []
+        self._reports: list[PendingReport] = []
+
+    def _allocate_device_buffers(self, capacity: int) -> None:
+        # One spare slot past the end, never routed: rows beyond this step's batch (padding)
+        # map to it.
+        self.slot_route_dev = torch.full((capacity + 1,), NO_ROUTE, dtype=torch.int64, device=self.device)
+        self.slot_prompt_len_dev = torch.zeros(capacity + 1, dtype=torch.int64, device=self.device)
+        self.row_slots_dev = torch.full((capacity + 1,), capacity, dtype=torch.int64, device=self.device)
+        pin = self.device.type == "cuda"
+        # Host staging for the per-step copies (pinned on CUDA, so the copies do not block), two
+        # in turn: with asynchronous scheduling the host prepares a step while the previous
+        # one's copy may still be queued.
+        self._staging = [torch.empty(3, capacity + 1, dtype=torch.int64, pin_memory=pin) for _ in range(2)]
+        self._publishes = 0
 
     # --- batch changes (runner adapters) ------------------------------------------------------
 
@@ -100,6 +135,7 @@ class RequestRoutes:
         self.slot_route, self.slot_prompt_len, self.slot_span = route, prompt_len, span
         self._key += [None] * (grown - capacity)
         self._boundaries += [None] * (grown - capacity)
+        self._allocate_device_buffers(grown)
 
     @property
     def route_span(self) -> RouteSpan:
@@ -107,6 +143,7 @@ class RequestRoutes:
 
     def _set(self, slot: int, route: int, prompt_len: int, key: bytes | None, span: tuple[int, int] | None = None,
              boundaries: SpanBoundaries | None = None) -> None:
+        self._changed = True
         self.slot_route[slot] = route
         self.slot_prompt_len[slot] = prompt_len
         self.slot_span[slot, 0], self.slot_span[slot, 1] = span if span is not None else (0, prompt_len)
@@ -115,6 +152,7 @@ class RequestRoutes:
 
     def add(self, slot: int, prompt_token_ids: Sequence[int] | None, is_new_request: bool = False) -> None:
         """A request enters the batch at `slot` (new, resumed after preemption, or rescheduled)."""
+        self.settle()
         self._ensure(slot)
         if not prompt_token_ids:
             # Prompt embeddings carry no token ids; start-up refuses them, so this is a guard.
@@ -144,20 +182,24 @@ class RequestRoutes:
                          "keeps its route %d (prompt_tokens=%d)", decision.route, len(prompt_token_ids))
 
     def remove(self, slot: int) -> None:
+        self.settle()
         if slot < self.slot_route.shape[0]:
             self._set(slot, NO_ROUTE, 0, None)
 
     def move(self, src: int, dst: int) -> None:
         """One-way move src -> dst (dst's previous occupant is gone)."""
+        self.settle()
         self._ensure(max(src, dst))
         self._set(dst, int(self.slot_route[src]), int(self.slot_prompt_len[src]), self._key[src],
                   tuple(self.slot_span[src].tolist()), self._boundaries[src])
         self.remove(src)
 
     def swap(self, a: int, b: int) -> None:
+        self.settle()
         self._ensure(max(a, b))
         for column in (self.slot_route, self.slot_prompt_len, self.slot_span):
             column[[a, b]] = column[[b, a]]
+        self._changed = True
         self._key[a], self._key[b] = self._key[b], self._key[a]
         self._boundaries[a], self._boundaries[b] = self._boundaries[b], self._boundaries[a]
 
@@ -170,6 +212,8 @@ class RequestRoutes:
         rows, in their slots and, for when they leave the batch and come back, in the
         carried decisions.
         """
+        self.settle()
+
         def remap(route: int) -> int:
             return route if route < 0 else new_row(route)  # NO_ROUTE, PENDING stay
 
@@ -179,13 +223,38 @@ class RequestRoutes:
             carried = dict(list(carried.items())[-self._cache_size:])
         self._carried = {key: (remap(route), remap(best), overlap) for key, (route, best, overlap) in carried.items()}
         self._cache.clear()
+        self.publish()
 
     def set_batch(self, num_rows: int, row_slots: Sequence[int] | None = None) -> None:
         """This step's batch size and, for runners whose rows are not slots, row -> slot."""
+        self.settle()
         self.num_rows = num_rows
         self._row_slots = None if row_slots is None else torch.as_tensor(list(row_slots), dtype=torch.int64)
         if num_rows:
             self._ensure(int(self._slot_index(num_rows).max()))
+        self.publish()
+
+    def publish(self) -> None:
+        """Copy the host's per-slot routes and prompt lengths, and the row -> slot map, into
+        the routing op's device buffers (one staged, non-blocking copy each)."""
+        self._changed = False
+        capacity = self.slot_route.shape[0]
+        staging = self._staging[self._publishes % 2]
+        self._publishes += 1
+        staging[0, :capacity] = self.slot_route
+        staging[0, capacity] = NO_ROUTE
+        staging[1, :capacity] = self.slot_prompt_len
+        staging[1, capacity] = 0
+        staging[2] = capacity  # rows past the batch: the spare slot
+        staging[2, : self.num_rows] = self._slot_index(self.num_rows)
+        self.slot_route_dev.copy_(staging[0], non_blocking=True)
+        self.slot_prompt_len_dev.copy_(staging[1], non_blocking=True)
+        self.row_slots_dev.copy_(staging[2], non_blocking=True)
+
+    def publish_if_changed(self) -> None:
+        """publish(), when the host state changed since (runners publish at each batch change)."""
+        if self._changed:
+            self.publish()
 
     # --- the forward pass (routing op) --------------------------------------------------------
 
@@ -198,10 +267,22 @@ class RequestRoutes:
         return row if self._row_slots is None else int(self._row_slots[row])
 
     def row_routes(self) -> list[int]:
-        """Route of each batch row this step: an edit row, NO_ROUTE or PENDING."""
+        """Route of each batch row this step, as the host knows it: an edit row, NO_ROUTE or PENDING."""
+        self.settle()
         if self._row_slots is None:
             return self.slot_route[: self.num_rows].tolist()
         return self.slot_route[self._slot_index(self.num_rows)].tolist()
+
+    def host_row_routes(self) -> torch.Tensor:
+        """row_routes() as a CPU tensor (the host's view: nothing is read from the device)."""
+        self.settle()
+        if self._row_slots is None:
+            return self.slot_route[: self.num_rows]
+        return self.slot_route.index_select(0, self._row_slots[: self.num_rows])
+
+    def slots_of_rows(self, rows: torch.Tensor) -> list[int]:
+        """The slots of batch rows `rows` (a CPU tensor), on the host."""
+        return rows.tolist() if self._row_slots is None else self._row_slots.index_select(0, rows).tolist()
 
     def row_prompt_len(self, row: int) -> int:
         return int(self.slot_prompt_len[self._slot(row)])
@@ -215,8 +296,12 @@ class RequestRoutes:
         return self._boundaries[self._slot(row)]
 
     def record(self, row: int, decision: RouteDecision) -> None:
-        """The routing op decided a pending row at its prefill."""
-        slot = self._slot(row)
+        """A decision for a pending row, made on the host (routing spans) or settled from the device."""
+        self._record_slot(self._slot(row), decision)
+        self.slot_route_dev[self._slot(row)] = decision.route
+
+    def _record_slot(self, slot: int, decision: RouteDecision) -> None:
+        # The device already holds the route (written by the forward that decided it).
         key = self._key[slot]
         self.slot_route[slot] = decision.route
         if key is not None:
@@ -225,7 +310,44 @@ class RequestRoutes:
                 self._cache.popitem(last=False)
         self.new_decisions.append((decision, int(self.slot_prompt_len[slot])))
 
+    def defer(self, report: PendingReport) -> None:
+        """Decisions the routing op wrote into slot_route_dev; the host reads them at settle()."""
+        self._reports.append(report)
+
+    def settle(self) -> None:
+        """Bring the device's decisions of earlier forwards into the host's view and cache.
+
+        Runs before any batch change and at the start of each forward, after the forward
+        that made them finished (so reading them back waits for nothing on CPU, and on a GPU
+        at most for the previous step, which the sampler has already waited for).
+        """
+        if not self._reports:
+            return
+        reports, self._reports = self._reports, []
+        for report in reports:
+            columns = [report.deciding, report.route, report.best, report.overlap, report.lost, report.partial,
+                       report.first]
+            deciding, route, best, overlap, lost, partial, first = (t.tolist() for t in columns)
+            for i, slot in enumerate(report.slots):
+                if partial[i]:
+                    raise RuntimeError(
+                        "MEMOIR: a request's prompt reached the edited layer in parts (is prefix caching or "
+                        "chunked prefill on?); routing needs whole prompts unless the edit sits at the last layer")
+                if lost[i]:
+                    # Only a request resumed after preemption whose decision left the cache
+                    # (2**18 newer prompts) and whose prompt the forward did not hold.
+                    logger.error("MEMOIR: a resumed request's prompt (%d tokens) did not reach the edited layer "
+                                 "and its route is unknown; serving it unrouted", int(self.slot_prompt_len[slot]))
+                    self._record_slot(slot, RouteDecision(NO_ROUTE, NO_ROUTE, 0.0))
+                elif deciding[i]:
+                    self._record_slot(slot, RouteDecision(route[i], best[i], overlap[i]))
+                    if first[i] > 0:
+                        logger.debug("MEMOIR: route of a prompt seen in parts: %d of its %d tokens reached the layer "
+                                     "earlier (chunked prefill or prefix cache)", first[i],
+                                     int(self.slot_prompt_len[slot]))
+
     def take_new_decisions(self) -> list[tuple[RouteDecision, int]]:
+        self.settle()
         decisions, self.new_decisions = self.new_decisions, []
         return decisions
 
@@ -234,7 +356,7 @@ _ACTIVE: RequestRoutes | None = None
 _OWNER: object | None = None
 
 
-def attach(owner: object, capacity: int = DEFAULT_CAPACITY) -> RequestRoutes:
+def attach(owner: object, capacity: int = DEFAULT_CAPACITY, device: torch.device | str = "cpu") -> RequestRoutes:
     """The worker's RequestRoutes, fed by exactly one runner adapter (`owner`), with
     buffers for `capacity` slots (the runner's max_num_seqs).
 
@@ -248,7 +370,7 @@ def attach(owner: object, capacity: int = DEFAULT_CAPACITY) -> RequestRoutes:
             "list vllm_memoir.runner_v1:MemoirBatchTracker once in --logits-processors"
         )
     if _ACTIVE is None:
-        _ACTIVE = RequestRoutes(capacity=capacity)
+        _ACTIVE = RequestRoutes(capacity=capacity, device=device)
     _OWNER = owner
     return _ACTIVE
 

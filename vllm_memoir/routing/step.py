@@ -1,0 +1,321 @@
+"""One forward's routing at the edited layer: decide new prompts, keep prompt sums, add the residual.
+
+Runs inside the routing op (routing.op), after the base down_proj and before the
+tensor-parallel all-reduce, in three parts:
+
+1. **Decide** the rows still PENDING whose last prompt token is in this forward: their route
+   feature from the prompt's summed down_proj inputs (this forward's tokens plus, when the
+   prompt reached the layer in parts, its sum from earlier forwards or the prefix cache),
+   TopHash, matched against the stored masks. Whole-prompt routing stays on the device and
+   writes the route into the request buffers, for the host to read after the forward
+   (requests.settle). Routing on a span of the prompt (the last user message) reads the
+   layout on the host: a prefill-decision step only.
+2. **Record** the sums later forwards and requests sharing this one's KV blocks need
+   (prefix_sums; span_sums for span routing), when the engine may split prompts.
+3. **Add** `W_m (m_t * x_t)` to every token, `m_t` the mask of its row's edit: one formula
+   for prefill and decode, all-zero masks for rows without an edit, so unrouted tokens keep
+   the base output bit for bit. Decode steps are a pure tensor function of the buffers
+   (`routed_residual`, tested with torch.compile(fullgraph=True)).
+
+The host only chooses what to run from what it knows before the forward (pending rows, any
+routed row, whether sums are kept), and skips the step when there is nothing to do.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from vllm_memoir import metrics
+from vllm_memoir.core import NO_ROUTE, dense_masked_residual
+from vllm_memoir.core.routing import RouteDecision
+from vllm_memoir.routing import requests
+from vllm_memoir.routing.block_sums import BlockFeatureSums
+from vllm_memoir.routing.decisions import ShardedPromptRouter
+from vllm_memoir.routing.layout import HostLayout, TokenIndex, TokenLayout, current_layout
+from vllm_memoir.routing.prefix_sums import PrefixSums, running_sums
+from vllm_memoir.routing.requests import PENDING, PendingReport, RequestRoutes
+from vllm_memoir.routing.span_sums import SpanBlockSums
+
+
+
+class ServedEdits(Protocol):
+    """What the routing step reads of the edited layer (routing.layer.MemoirDownProj)."""
+
+    router: ShardedPromptRouter  # the served artifact's masks and routing settings
+    memory: torch.Tensor  # this rank's slice of W_m
+    edit_ids: list[int]  # by edit row
+    tp_rank: int
+    local_dim: int
+    device: torch.device
+
+
+logger = logging.getLogger(__name__)
+
+
+def routed_residual(x: torch.Tensor, memory: torch.Tensor, router: ShardedPromptRouter, slot_route: torch.Tensor,
+                    row_slots: torch.Tensor, tokens: TokenIndex) -> torch.Tensor:
+    """[T, H] residual of every token: its row's edit mask (zero without one) on its input."""
+    masks = router.row_masks(slot_route.index_select(0, row_slots), x.dtype)
+    if not tokens.decode_only:
+        masks = masks.index_select(0, tokens.row) * tokens.valid.unsqueeze(1).to(x.dtype)
+    return dense_masked_residual(x, memory, masks)
+
+
+def decode_step(out: torch.Tensor, x: torch.Tensor, layout: TokenLayout, slot_route: torch.Tensor,
+                row_slots: torch.Tensor, router: ShardedPromptRouter, memory: torch.Tensor,
+                prefix_sums: PrefixSums | None, routed_rows: torch.Tensor | None = None) -> None:
+    """A forward with no prompt to decide (whole-prompt routing): keep the running sums, add the
+    residual. Fixed-shape tensor operations on persistent buffers only, so it can be captured.
+
+    routed_rows: in a decode-only forward run eagerly, the rows the host knows to be routed
+    (their count is data, so never under capture): the residual is then computed for those
+    rows only, by the same formula; the other rows' residual is zero either way.
+    """
+    tokens = layout.tokens_of(x.shape[0])
+    if prefix_sums is not None:
+        prefix_sums.record(running_sums(x, layout, tokens, prefix_sums.before_forward(layout, tokens)), layout, tokens)
+    if routed_rows is None or not tokens.decode_only:
+        out += routed_residual(x, memory, router, slot_route, row_slots[: layout.num_rows], tokens)
+        return
+    masks = router.row_masks(slot_route.index_select(0, row_slots.index_select(0, routed_rows)), x.dtype)
+    out.index_add_(0, routed_rows, dense_masked_residual(x.index_select(0, routed_rows), memory, masks))
+
+
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+class RoutingStep:
+    """The edited layer's per-forward routing; the served edits are the layer's."""
+
+    def __init__(self, layer: ServedEdits, prefix_sums: PrefixSums | None, block_size: int | None):
+        self.layer = layer
+        self.prefix_sums = prefix_sums  # None: the engine never splits prompts
+        self.block_size = block_size
+        # Span routing's per-block sums (host-side offsets), made when such an artifact is served.
+        self.block_sums: BlockFeatureSums | None = None
+        self.span_sums: SpanBlockSums | None = None
+        self._block_layout_checked = False
+        # Routing decisions of new requests since start-up, by edit id (counted on rank 0).
+        self.route_counts: Counter[int] = Counter()
+        self.unrouted_count = 0
+
+    def serve_span_rule(self, whole_prompt: bool) -> None:
+        if whole_prompt or self.prefix_sums is None or self.span_sums is not None:
+            return
+        local, device = self.layer.local_dim, self.layer.device
+        self.block_sums = BlockFeatureSums(self.block_size, local, device)
+        self.span_sums = SpanBlockSums(self.block_size, local, device)
+
+    # --- the op -------------------------------------------------------------------------------
+
+    def run(self, out: torch.Tensor, x: torch.Tensor) -> None:
+        routes = requests.active()
+        if routes is None:
+            return
+        self._report(routes)
+        if routes.num_rows == 0:
+            return  # profiling and warm-up runs carry no requests
+        started = time.perf_counter()
+        routes.publish_if_changed()
+        host_routes = routes.host_row_routes().numpy()  # the host's view, before this forward: no device read
+        pending = torch.from_numpy(np.flatnonzero(host_routes == PENDING))
+        any_routed = bool((host_routes >= 0).any())
+        splitting = self.prefix_sums is not None
+        if not (pending.numel() or any_routed or splitting):
+            return  # decode steps of unrouted requests with whole prompts: nothing to do
+        layout = current_layout()
+        if layout is None:
+            return
+        if layout.num_rows < routes.num_rows:
+            raise RuntimeError(f"MEMOIR: the forward holds {layout.num_rows} requests but the tracker has "
+                               f"{routes.num_rows}")
+        if splitting and not self._block_layout_checked:
+            self._check_block_layout(layout)
+        if routes.route_span.whole_prompt and not pending.numel() and any_routed:
+            routed_rows = None if _capturing() else torch.from_numpy(np.flatnonzero(host_routes >= 0)).to(x.device)
+            decode_step(out, x, layout, routes.slot_route_dev, routes.row_slots_dev, self.layer.router,
+                        self.layer.memory, self.prefix_sums, routed_rows)
+            self._finish(routes, layout, started)
+            return
+        tokens = layout.tokens_of(x.shape[0])
+        if routes.route_span.whole_prompt:
+            self._whole_prompt_step(x, layout, tokens, routes, pending)
+        else:
+            self._span_step(x, layout, routes, pending.tolist())
+        if pending.numel() or any_routed:
+            out += routed_residual(x, self.layer.memory, self.layer.router, routes.slot_route_dev,
+                                   routes.row_slots_dev[: layout.num_rows], tokens)
+        self._finish(routes, layout, started)
+
+    def _finish(self, routes: RequestRoutes, layout: TokenLayout, started: float) -> None:
+        if self.layer.tp_rank != 0:
+            return
+        if logger.isEnabledFor(logging.DEBUG):
+            self._log_recomputes(routes, layout.host)
+        metrics.count_routing_step(time.perf_counter() - started)
+
+    # --- whole-prompt routing: on the device ----------------------------------------------------
+
+    def _whole_prompt_step(self, x: torch.Tensor, layout: TokenLayout, tokens: TokenIndex, routes: RequestRoutes,
+                           pending: torch.Tensor) -> None:
+        sums = self.prefix_sums
+        running = None
+        if sums is not None or pending.numel():
+            running = running_sums(x, layout, tokens, None if sums is None else sums.before_forward(layout, tokens))
+        if pending.numel():
+            self._decide(x, layout, running, routes, pending)
+        if sums is not None:
+            sums.record(running, layout, tokens)  # after the decisions, which read earlier forwards' sums
+
+    def _decide(self, x: torch.Tensor, layout: TokenLayout, running: torch.Tensor, routes: RequestRoutes,
+                pending: torch.Tensor) -> None:
+        """Route the pending rows whose last prompt token is in this forward, on the device."""
+        device = x.device
+        rows = pending.to(device, non_blocking=True)
+        slots = routes.row_slots_dev.index_select(0, rows)
+        prompt_len = routes.slot_prompt_len_dev.index_select(0, slots)
+        first = layout.row_first_position.index_select(0, rows)
+        last_offset = prompt_len - 1 - first  # the last prompt token, counted from the row's first here
+        deciding = (prompt_len > 0) & (last_offset >= 0) & (last_offset < layout.row_tokens.index_select(0, rows))
+        last_token = (layout.query_start.long().index_select(0, rows) + last_offset.clamp(min=0))
+        last_token = last_token.clamp(max=x.shape[0] - 1)
+        features = self.layer.router.features_from_sums(running.index_select(0, last_token),
+                                                        x.index_select(0, last_token), prompt_len)
+        route, best, overlap = self.layer.router.decide_tensors(features)
+        route = route.to(device)
+        # A forward that starts after the prompt's end: a resumed request whose decision left the cache.
+        lost = (prompt_len > 0) & (last_offset < 0)
+        partial = deciding & (first > 0) if self.prefix_sums is None else torch.zeros_like(deciding)
+        pending_value = torch.full_like(route, PENDING)
+        new_route = torch.where(deciding, route, torch.where(lost, torch.full_like(route, NO_ROUTE), pending_value))
+        routes.slot_route_dev.index_copy_(0, slots, new_route)
+        routes.defer(PendingReport(routes.slots_of_rows(pending), deciding, route, best, overlap, lost, partial, first))
+
+    # --- span routing (the last user message): on the host, at prefill-decision steps ------------
+
+    def _span_step(self, x: torch.Tensor, layout: TokenLayout, routes: RequestRoutes, pending: list[int]) -> None:
+        host = layout.host
+        if pending:
+            self._decide_spans(x, host, layout, routes, pending)
+        if self.block_sums is not None:
+            self._record_span_sums(x, host, layout, routes)
+
+    def _decide_spans(self, x: torch.Tensor, host: HostLayout, layout: TokenLayout, routes: RequestRoutes,
+                      pending: list[int]) -> None:
+        deciding, features = [], []
+        for row in pending:
+            start, end = host.tokens(row)
+            first = host.first_position(row)
+            prompt_len = routes.row_prompt_len(row)
+            if self.block_sums is None and (first > 0 or first + (end - start) < prompt_len):
+                raise RuntimeError(
+                    f"MEMOIR: a request's prefill holds positions {first}..{first + end - start - 1} of a "
+                    f"{prompt_len}-token prompt; routing needs whole prompts unless the edit sits at the last layer "
+                    "(is prefix caching or chunked prefill on?)")
+            if first + (end - start) < prompt_len:
+                continue  # a chunk of a longer prompt: decided with its last chunk
+            if first >= prompt_len:
+                logger.error("MEMOIR: a request's prompt (%d tokens) starts at position %d in this forward and "
+                             "its route is unknown; serving it unrouted", prompt_len, first)
+                routes.record(row, RouteDecision(NO_ROUTE, NO_ROUTE, 0.0))
+                continue
+            span_start, span_end = routes.row_span(row)
+            deciding.append(row)
+            if first > 0 and self.layer.tp_rank == 0:
+                logger.debug("MEMOIR: route of a prompt seen in parts: %d of its %d tokens reached the layer "
+                             "earlier (chunked prefill or prefix cache)", first, prompt_len)
+            features.append(self._span_feature(row, x, host, layout, span_start, span_end, prompt_len))
+        if deciding:
+            for row, decision in zip(deciding, self.layer.router.decide(torch.stack(features))):
+                routes.record(row, decision)
+
+    def _span_feature(self, row: int, x: torch.Tensor, host: HostLayout, layout: TokenLayout, span_start: int,
+                      span_end: int, prompt_len: int) -> torch.Tensor:
+        """The feature over prompt positions [span_start, span_end) of a row whose last prompt
+        token is in this forward: the span's tokens here, plus (chunked prefill, prefix cache)
+        the sums of its tokens that reached the layer before."""
+        start, _ = host.tokens(row)
+        first = host.first_position(row)
+        router = self.layer.router
+        here = x[start + max(span_start - first, 0): start + max(span_end - first, 0)]
+        if span_start >= first:
+            return router.prompt_feature(here)
+        earlier, exact = self.span_sums.span_sum(self.block_sums, layout.block_table[row], span_start,
+                                                 min(span_end, first), first)
+        if self.layer.tp_rank == 0 and logger.isEnabledFor(logging.DEBUG):
+            size = self.block_size
+            logger.debug("MEMOIR: last user message at prompt positions %d-%d of %d: %d of its tokens reached the "
+                         "layer earlier; it starts %s and ends %s (%s)", span_start, span_end, prompt_len,
+                         min(span_end, first) - span_start, "mid-block" if span_start % size else "at a block start",
+                         "in this forward" if span_end > first else "earlier", "exact" if exact else "approximate")
+        if not exact and self.layer.tp_rank == 0:
+            metrics.count_inexact_span_feature()
+            logger.warning(
+                "MEMOIR: approximate route feature: the last user message (prompt positions %d-%d of %d) starts or "
+                "ends inside a KV block that reached the edited layer before this forward without sums for that "
+                "boundary (computed while another artifact was served, or holding generated tokens); the whole "
+                "block was used (counted in memoir:inexact_span_features_total)", span_start, span_end, prompt_len)
+        return router.prompt_feature_from_parts(earlier, here, span_end - span_start)
+
+    def _record_span_sums(self, x: torch.Tensor, host: HostLayout, layout: TokenLayout,
+                          routes: RequestRoutes) -> None:
+        num_tokens = host.query_start[-1]
+        self.block_sums.record(x[:num_tokens], layout.slot_mapping[:num_tokens])
+        rows = []
+        for row in range(len(host.seq_lens)):
+            start, end = host.tokens(row)
+            boundaries = routes.row_boundaries(row) if row < routes.num_rows else None
+            rows.append((start, end - start, host.first_position(row), boundaries))
+        self.span_sums.record(x[:num_tokens], layout.slot_mapping[:num_tokens], rows)
+
+    # --- checks, reports, logs ----------------------------------------------------------------
+
+    def _check_block_layout(self, layout: TokenLayout) -> None:
+        """Once: the KV slots of row 0's first token agree with its block table at our block size."""
+        if layout.slot_mapping is None or layout.block_table is None:
+            raise RuntimeError("MEMOIR: this attention backend's metadata has no slot_mapping/block_table, "
+                               "which routing needs under prefix caching or chunked prefill")
+        host = layout.host
+        start, _ = host.tokens(0)
+        position = host.first_position(0)
+        size = self.block_size
+        slot = int(layout.slot_mapping[start])
+        if slot < 0:
+            return  # a padding row; check on a later forward
+        expected = int(layout.block_table[0, position // size]) * size + position % size
+        if slot != expected:
+            raise RuntimeError(f"MEMOIR: KV slot {slot} of position {position} disagrees with block size {size} "
+                               f"(expected slot {expected}); the attention backend uses another block layout")
+        self._block_layout_checked = True
+
+    def _report(self, routes: RequestRoutes) -> None:
+        decisions = routes.take_new_decisions()
+        if self.layer.tp_rank != 0:
+            return
+        edit_ids = self.layer.edit_ids
+        for decision, prompt_len in decisions:
+            metrics.count_decision(decision.routed)
+            if decision.routed:
+                self.route_counts[edit_ids[decision.route]] += 1
+                logger.debug("MEMOIR route: edit_id=%s (row %d) overlap=%.3f prompt_tokens=%d",
+                             edit_ids[decision.route], decision.route, decision.overlap, prompt_len)
+            else:
+                self.unrouted_count += 1
+                logger.debug("MEMOIR no route: best overlap=%.3f prompt_tokens=%d", decision.overlap, prompt_len)
+
+    @staticmethod
+    def _log_recomputes(routes: RequestRoutes, host: HostLayout) -> None:
+        """Requests recomputed from position 0 with generated tokens: preempted ones, coming back."""
+        for row, route in enumerate(routes.host_row_routes().tolist()):
+            start, end = host.tokens(row)
+            prompt_len = routes.row_prompt_len(row)
+            if host.first_position(row) == 0 and end - start > prompt_len:
+                logger.debug("MEMOIR: preempted request recomputed (%d prompt + %d generated tokens), route %d kept",
+                             prompt_len, end - start - prompt_len, route)
