@@ -128,7 +128,7 @@ def check_prompt_splitting(vllm_config: Any, manifest: ArtifactManifest, where: 
 V1_TRACKER = "vllm_memoir.runner_v1:MemoirBatchTracker"
 
 
-def uses_v1_runner(on_gpu: bool, env_vars: dict[str, str], has_triton: bool | None = None) -> bool:
+def uses_v1_runner(has_triton: bool, env_vars: dict[str, str]) -> bool:
     """Whether vLLM runs its V1 model runner, which needs the request tracker.
 
     VLLM_USE_V2_MODEL_RUNNER decides when set; otherwise vLLM 0.32 picks Model Runner V2
@@ -137,7 +137,7 @@ def uses_v1_runner(on_gpu: bool, env_vars: dict[str, str], has_triton: bool | No
     setting = env_vars.get("VLLM_USE_V2_MODEL_RUNNER")
     if setting is not None:
         return setting.strip().lower() not in ("1", "true")
-    return not (on_gpu if has_triton is None else has_triton)
+    return not has_triton
 
 
 def hf_overrides_args(artifact: str | Path, architecture: str = "MemoirLlamaForCausalLM") -> list[str]:

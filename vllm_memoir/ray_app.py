@@ -53,7 +53,7 @@ def memoir_engine_kwargs(
     # vLLM's defaults for an edit at the last decoder layer; both off below it (validation).
     for flag in routing_flags(model, artifact):
         kwargs[flag.removeprefix("--no-").replace("-", "_")] = False
-    if uses_v1_runner(accelerator == "gpu", env_vars):
+    if uses_v1_runner(accelerator == "gpu", env_vars):  # GPU builds of vLLM ship Triton
         processors = list(kwargs.get("logits_processors") or [])
         kwargs["logits_processors"] = processors if V1_TRACKER in processors else [V1_TRACKER, *processors]
     if accelerator == "gpu":

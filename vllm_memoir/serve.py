@@ -113,7 +113,7 @@ def expects_v2_runner() -> bool:
     """Whether vLLM will pick Model Runner V2 (needs Triton; the CPU build falls back to V1)."""
     from vllm.triton_utils import HAS_TRITON
 
-    return not uses_v1_runner(on_gpu=bool(HAS_TRITON), env_vars=dict(os.environ), has_triton=bool(HAS_TRITON))
+    return not uses_v1_runner(bool(HAS_TRITON), dict(os.environ))
 
 
 def with_tracker(args: list[str]) -> list[str]:

@@ -17,7 +17,6 @@ from .tophash import (
     aggregate_prompt_feature,
     dense_masked_residual,
     finish_feature,
-    gathered_residual,
     masked_residual,
     match_routes,
     overlap_counts,

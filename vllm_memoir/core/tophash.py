@@ -313,15 +313,7 @@ def masked_residual(x: torch.Tensor, memory: torch.Tensor, indices: torch.Tensor
 
     x: [..., D]; memory: [H, D]; indices: [k]. Costs k/D of a dense down_proj.
     """
-    return gathered_residual(x, memory.index_select(1, indices), indices)
-
-
-def gathered_residual(x: torch.Tensor, memory_columns: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    """masked_residual with W_m's active columns already gathered (memory_columns = W_m[:, idx]).
-
-    Lets a server gather an edit's columns once instead of on every decode step.
-    """
-    return x.index_select(-1, indices) @ memory_columns.t()
+    return x.index_select(-1, indices) @ memory.index_select(1, indices).t()
 
 
 def dense_masked_residual(x: torch.Tensor, memory: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:

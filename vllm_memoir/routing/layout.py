@@ -75,6 +75,7 @@ class TokenIndex:
     position: torch.Tensor  # [T] int64
     valid: torch.Tensor  # [T] bool: a real token (not CUDA-graph padding)
     is_row_last: torch.Tensor  # [T] bool: the last token its row has in this forward
+    num_rows: int
 
     # Decode-only forward: as many tokens as rows (every row has at least one), so token i is
     # row i's only token. Decided from shapes alone, like everything else here.
@@ -85,7 +86,7 @@ class TokenIndex:
         rows = layout.num_rows
         if num_tokens == rows:
             row, every = _decode_index(rows, layout.seq_lens.device)
-            return cls(row, layout.seq_lens.long() - 1, every, every, decode_only=True)
+            return cls(row, layout.seq_lens.long() - 1, every, every, rows, decode_only=True)
         starts = layout.query_start[: rows + 1].long()
         token = torch.arange(num_tokens, device=starts.device)
         row = torch.searchsorted(starts[1:], token, right=True)
@@ -93,7 +94,7 @@ class TokenIndex:
         row = row.clamp(max=max(rows - 1, 0))
         position = layout.row_first_position[row] + token - starts[row]
         is_row_last = valid & (token == starts[1:][row] - 1)
-        return cls(row, position, valid, is_row_last)
+        return cls(row, position, valid, is_row_last, rows)
 
 
 _DECODE_INDEX: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}

@@ -89,6 +89,13 @@ class PrefixSums:
         earlier = self.sums.index_select(0, block.clamp_(0, self._padding_row))
         return earlier.mul_((first > 0).unsqueeze(1))
 
+    def update(self, x: torch.Tensor, layout: TokenLayout, tokens: TokenIndex) -> torch.Tensor:
+        """Record this forward's tokens; returns their running sums (running_sums, from the
+        blocks' sums before this forward)."""
+        running = running_sums(x, layout, tokens, self.before_forward(layout, tokens))
+        self.record(running, layout, tokens)
+        return running
+
     def record(self, running: torch.Tensor, layout: TokenLayout, tokens: TokenIndex) -> None:
         """Store each touched block's cumulative sum: at its last slot, or at the row's last
         token in this forward where the row stops inside the block."""

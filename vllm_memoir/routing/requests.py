@@ -268,10 +268,7 @@ class RequestRoutes:
 
     def row_routes(self) -> list[int]:
         """Route of each batch row this step, as the host knows it: an edit row, NO_ROUTE or PENDING."""
-        self.settle()
-        if self._row_slots is None:
-            return self.slot_route[: self.num_rows].tolist()
-        return self.slot_route[self._slot_index(self.num_rows)].tolist()
+        return self.host_row_routes().tolist()
 
     def host_row_routes(self) -> torch.Tensor:
         """row_routes() as a CPU tensor (the host's view: nothing is read from the device)."""

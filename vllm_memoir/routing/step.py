@@ -58,33 +58,35 @@ class ServedEdits(Protocol):
 logger = logging.getLogger(__name__)
 
 
-def routed_residual(x: torch.Tensor, memory: torch.Tensor, router: ShardedPromptRouter, slot_route: torch.Tensor,
-                    row_slots: torch.Tensor, tokens: TokenIndex) -> torch.Tensor:
-    """[T, H] residual of every token: its row's edit mask (zero without one) on its input."""
-    masks = router.row_masks(slot_route.index_select(0, row_slots), x.dtype)
+def add_residual(out: torch.Tensor, x: torch.Tensor, memory: torch.Tensor, router: ShardedPromptRouter,
+                 slot_route: torch.Tensor, row_slots: torch.Tensor, tokens: TokenIndex,
+                 routed_rows: torch.Tensor | None = None) -> None:
+    """Add each token's residual: its row's edit mask (zero without one) on its input.
+
+    routed_rows: in a decode-only forward run eagerly, the rows the host knows to be routed
+    (their count is data, so never under capture): the residual is then computed for those
+    rows only, by the same formula; the other rows' residual is zero either way.
+    """
+    if routed_rows is not None and tokens.decode_only:
+        masks = router.row_masks(slot_route.index_select(0, row_slots.index_select(0, routed_rows)), x.dtype)
+        out.index_add_(0, routed_rows, dense_masked_residual(x.index_select(0, routed_rows), memory, masks))
+        return
+    masks = router.row_masks(slot_route.index_select(0, row_slots[: tokens.num_rows]), x.dtype)
     if not tokens.decode_only:
         masks = masks.index_select(0, tokens.row) * tokens.valid.unsqueeze(1).to(x.dtype)
-    return dense_masked_residual(x, memory, masks)
+    out += dense_masked_residual(x, memory, masks)
 
 
 def decode_step(out: torch.Tensor, x: torch.Tensor, layout: TokenLayout, slot_route: torch.Tensor,
                 row_slots: torch.Tensor, router: ShardedPromptRouter, memory: torch.Tensor,
                 prefix_sums: PrefixSums | None, routed_rows: torch.Tensor | None = None) -> None:
     """A forward with no prompt to decide (whole-prompt routing): keep the running sums, add the
-    residual. Fixed-shape tensor operations on persistent buffers only, so it can be captured.
-
-    routed_rows: in a decode-only forward run eagerly, the rows the host knows to be routed
-    (their count is data, so never under capture): the residual is then computed for those
-    rows only, by the same formula; the other rows' residual is zero either way.
-    """
+    residual (add_residual). Fixed-shape tensor operations on persistent buffers only, so it can
+    be captured (without routed_rows)."""
     tokens = layout.tokens_of(x.shape[0])
     if prefix_sums is not None:
-        prefix_sums.record(running_sums(x, layout, tokens, prefix_sums.before_forward(layout, tokens)), layout, tokens)
-    if routed_rows is None or not tokens.decode_only:
-        out += routed_residual(x, memory, router, slot_route, row_slots[: layout.num_rows], tokens)
-        return
-    masks = router.row_masks(slot_route.index_select(0, row_slots.index_select(0, routed_rows)), x.dtype)
-    out.index_add_(0, routed_rows, dense_masked_residual(x.index_select(0, routed_rows), memory, masks))
+        prefix_sums.update(x, layout, tokens)
+    add_residual(out, x, memory, router, slot_route, row_slots, tokens, routed_rows)
 
 
 def _capturing() -> bool:
@@ -150,8 +152,8 @@ class RoutingStep:
         else:
             self._span_step(x, layout, routes, pending.tolist())
         if pending.numel() or any_routed:
-            out += routed_residual(x, self.layer.memory, self.layer.router, routes.slot_route_dev,
-                                   routes.row_slots_dev[: layout.num_rows], tokens)
+            add_residual(out, x, self.layer.memory, self.layer.router, routes.slot_route_dev, routes.row_slots_dev,
+                         tokens)
         self._finish(routes, layout, started)
 
     def _finish(self, routes: RequestRoutes, layout: TokenLayout, started: float) -> None:
@@ -165,14 +167,12 @@ class RoutingStep:
 
     def _whole_prompt_step(self, x: torch.Tensor, layout: TokenLayout, tokens: TokenIndex, routes: RequestRoutes,
                            pending: torch.Tensor) -> None:
-        sums = self.prefix_sums
-        running = None
-        if sums is not None or pending.numel():
-            running = running_sums(x, layout, tokens, None if sums is None else sums.before_forward(layout, tokens))
+        if self.prefix_sums is not None:
+            running = self.prefix_sums.update(x, layout, tokens)
+        elif pending.numel():
+            running = running_sums(x, layout, tokens)  # whole prompts in every forward: nothing earlier
         if pending.numel():
             self._decide(x, layout, running, routes, pending)
-        if sums is not None:
-            sums.record(running, layout, tokens)  # after the decisions, which read earlier forwards' sums
 
     def _decide(self, x: torch.Tensor, layout: TokenLayout, running: torch.Tensor, routes: RequestRoutes,
                 pending: torch.Tensor) -> None:
