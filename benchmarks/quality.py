@@ -10,6 +10,8 @@ diagnostics that separate the causes of a miss:
   - `own_mask`: Rel and Gen when each prompt is forced onto its own edit's mask. Low values
     mean the memory lost the edit (later edits overwrote shared columns, weight decay, no
     convergence); high values with a low Rel/Gen mean the router sent the prompt elsewhere.
+    `own_mask.rel_by_tenth` and `took.by_tenth` split own-mask Rel and took by tenth of the
+    edit sequence (oldest first): which edits the memory lost, and which never took.
   - the mask-overlap distributions of benchmarks/mask_overlap.py for the largest T, with the
     artifact's own background mean: (a) edit prompts vs the other edits, (b) paraphrases vs
     their own edit, (c) unrelated prompts' best match.
@@ -133,7 +135,17 @@ def own_mask_accuracy(hf: MemoirHFModel, artifact: MemoirArtifact, requests: lis
                     gen.append(rows[1].accuracy)
         finally:
             hf.layer.train_indices = None
-    return {"rel": sum(rel) / len(rel), "gen": sum(gen) / len(gen) if gen else None}
+    return {"rel": sum(rel) / len(rel), "gen": sum(gen) / len(gen) if gen else None,
+            "rel_by_tenth": by_tenth(rel)}
+
+
+def by_tenth(values: list[float]) -> list[float] | None:
+    """Means over ten consecutive slices of the edit sequence, oldest first (None below 10 edits):
+    how much of each part of the sequence the memory still holds at the end."""
+    if len(values) < 10:
+        return None
+    bounds = [round(i * len(values) / 10) for i in range(11)]
+    return [round(sum(values[a:b]) / (b - a), 3) for a, b in zip(bounds, bounds[1:])]
 
 
 def edits_taken(artifact: MemoirArtifact) -> dict:
@@ -143,7 +155,8 @@ def edits_taken(artifact: MemoirArtifact) -> dict:
         return {}
     return {"share": sum(o["took"] for o in outcomes) / len(outcomes),
             "mean_steps": round(sum(o["steps"] for o in outcomes) / len(outcomes), 2),
-            "mean_loss": round(sum(o["loss"] for o in outcomes) / len(outcomes), 5)}
+            "mean_loss": round(sum(o["loss"] for o in outcomes) / len(outcomes), 5),
+            "by_tenth": by_tenth([float(o["took"]) for o in outcomes])}
 
 
 def overlap_summary(hf: MemoirHFModel, artifact: MemoirArtifact, requests: list[EditRequest]):
@@ -195,6 +208,7 @@ def run_size(model: Path, data: Path, hp: MemoirHyperParams, work: Path, limit: 
         "pre": metrics["pre"],
         "routing": metrics["routing"],
         "own_mask": own_mask_accuracy(hf, artifact, requests),
+        "memory_norm": round(float(artifact.memory.float().norm()), 1),
         "edit_seconds": round(edit_seconds, 1),
         "edits_per_minute": round(60 * len(requests) / edit_seconds, 1),
         "eval_seconds": round(eval_seconds, 1),
@@ -333,6 +347,10 @@ def main(argv: list[str] | None = None) -> None:
               f"{r['edits_per_minute']:>10.1f} {r['wall_seconds']:>8.1f}")
     print("(LocN: Loc-neighbour; Rel*, Gen*: each prompt forced onto its own edit's mask; took: share of edits whose "
           "training met edit_loss_target)")
+    for r in rows:
+        if r["own_mask"].get("rel_by_tenth"):
+            print(f"T={r['T']}: Rel* by tenth of the sequence, oldest first: "
+                  + " / ".join(f"{v:.2f}" for v in r["own_mask"]["rel_by_tenth"]))
     log.info("wrote %s and %s", args.out / "quality.json", args.out / "quality.png")
 
 

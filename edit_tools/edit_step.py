@@ -6,6 +6,10 @@ the gradient so that it works at any activation scale, and stops once the edit's
 is met. Either way the result says whether the edit took: every target token is the model's top
 prediction on every row of the edit once it is trained (its own teacher-forced Rel is 1.0).
 
+With update_projection "null_space", each step's gradient on the edit's columns is first
+projected away from the dominant directions of earlier edits' keys (`EarlierKeys`), so that the
+memory's output on them stays as it was.
+
 Two equivalent loops:
 - `full`: every step runs the whole model on all rows (the reference's way).
 - `fast`: layers below the edited one, the edited layer's attention and its base MLP do not
@@ -52,6 +56,7 @@ class EditResult:
     final_loss: float = float("nan")  # the loss with the memory as the edit leaves it
     took: bool = False  # every target token is the argmax on every edit row, after training
     steps: int = 0  # updates of the memory (the adaptive step's undone ones included)
+    keys: torch.Tensor | None = None  # [n, k] down_proj inputs at the target positions, on the mask's columns
 
     def outcome(self) -> dict:
         """What the edit record stores about the training of this edit."""
@@ -75,6 +80,44 @@ def _stalled(losses: list[float]) -> bool:
     """The loss has a floor above the target (e.g. a final norm bounds the logits): stop there."""
     recent = losses[-STALL_STEPS - 1:]
     return len(recent) > STALL_STEPS and all(b > a * (1 - STALL_GAIN) for a, b in zip(recent, recent[1:]))
+
+
+class EarlierKeys:
+    """The covariance K^T K of earlier edits' keys (float64, [D, D]): what update_projection
+    "null_space" protects. A key is an edit's down_proj input at a target position, zero
+    outside its mask; W_m's output there is W_m @ key, so an update dW of this edit's columns
+    leaves it alone when dW's rows are orthogonal to the key's part on those columns."""
+
+    def __init__(self, dim: int, covariance: torch.Tensor | None = None, count: int = 0):
+        self.covariance = torch.zeros(dim, dim, dtype=torch.float64) if covariance is None else covariance
+        self.count = count  # keys added (recorded with the checkpoint)
+
+    def add(self, indices: torch.Tensor, keys: torch.Tensor) -> None:
+        """Add an edit's keys: [n, k] inputs on its mask's columns `indices` ([k])."""
+        cols = indices.cpu()
+        block = keys.detach().to("cpu", torch.float64)
+        self.covariance[cols.unsqueeze(1), cols.unsqueeze(0)] += block.T @ block
+        self.count += block.shape[0]
+
+    def projector(self, indices: torch.Tensor, threshold: float) -> torch.Tensor | None:
+        """[k, k] projection onto the directions of the columns `indices` that earlier keys do
+        not dominate (eigenvalue <= threshold x the largest); None when no key touches them."""
+        cols = indices.cpu()
+        block = self.covariance[cols.unsqueeze(1), cols.unsqueeze(0)]
+        values, vectors = torch.linalg.eigh(block)
+        if values[-1] <= 0:
+            return None
+        protected = vectors[:, values > threshold * values[-1]]
+        eye = torch.eye(len(cols), dtype=torch.float64)
+        return (eye - protected @ protected.T).float()
+
+
+def project_update(grad_columns: torch.Tensor, projector: torch.Tensor | None) -> torch.Tensor:
+    """A [hidden, k] update of this edit's columns with each row projected by `projector`
+    (symmetric): its output on the protected directions is zero. None: unchanged."""
+    if projector is None:
+        return grad_columns
+    return grad_columns @ projector.to(grad_columns.device, grad_columns.dtype)
 
 
 def adaptive_descent(loss_and_grad, params: torch.Tensor, target: float, max_iter: int, decay: float = 0.0,
@@ -251,8 +294,12 @@ def apply_edit(
     permutation: torch.Tensor,
     background_mean: torch.Tensor | None,
     fast: bool = True,
+    earlier_keys: EarlierKeys | None = None,
 ) -> EditResult:
-    """Train this edit's columns of hf.layer.memory in place; return its mask and losses."""
+    """Train this edit's columns of hf.layer.memory in place; return its mask, losses and keys.
+
+    earlier_keys: with hp.update_projection "null_space", each step's gradient is projected away
+    from their dominant directions on this edit's columns (the caller adds result.keys after)."""
     stack = _LayerStack(hf, hp.layer_index)
     edit_rows = slice(0, batch.num_edit_rows)
     cap = _capture(hf, stack, batch, edit_rows)
@@ -268,14 +315,18 @@ def apply_edit(
         return target_loss(logits_now(), batch)
 
     memory = hf.layer.memory
+    projector = None
+    if hp.update_projection == "null_space" and earlier_keys is not None:
+        projector = earlier_keys.projector(indices, hp.null_space_threshold)
     hf.layer.train_indices = indices
     try:
         if hp.resolved_update_rule == "adaptive":
             live = batch.attention_mask[edit_rows].bool()
             stream = (cap.h_attn + cap.base_out)[live].float().norm(dim=-1).median().item()
-            result = _adaptive_edit(hp, memory, indices, loss_now, cap.x[live], stream)
+            result = _adaptive_edit(hp, memory, indices, loss_now, cap.x[live], stream, projector)
         else:
-            result = _reference_edit(hp, memory, indices, loss_now, _reference_lr(hp, cap, batch, indices, edit_rows))
+            lr = _reference_lr(hp, cap, batch, indices, edit_rows)
+            result = _reference_edit(hp, memory, indices, loss_now, lr, projector)
         with torch.no_grad():  # one more forward: the memory as the edit leaves it
             logits = logits_now()
         result.final_loss = target_loss(logits, batch).item()
@@ -285,7 +336,14 @@ def apply_edit(
         memory.requires_grad_(False)
         memory.grad = None
     result.mask_indices = indices.cpu()
+    result.keys = edit_keys(cap, batch, indices)
     return result
+
+
+def edit_keys(cap: _Captured, batch: EditBatch, indices: torch.Tensor) -> torch.Tensor:
+    """[n, k] the down_proj inputs on the mask's columns at the edit's target positions: where,
+    at the last layer, the residual reaches the loss (at a lower layer, also through attention)."""
+    return cap.x[batch.target_rows, batch.target_positions][:, indices].detach().cpu()
 
 
 def _reference_lr(hp: MemoirHyperParams, cap: _Captured, batch: EditBatch, indices: torch.Tensor, edit_rows: slice) -> float:
@@ -297,8 +355,10 @@ def _reference_lr(hp: MemoirHyperParams, cap: _Captured, batch: EditBatch, indic
     return hp.reference_lr / float(cap.x[live][:, indices].float().pow(2).sum(-1).mean().clamp(min=1e-12))
 
 
-def _reference_edit(hp: MemoirHyperParams, memory: torch.Tensor, indices: torch.Tensor, loss_now, lr: float) -> EditResult:
-    """The reference's loop: SGD (weight decay, grad clip) for n_iter steps or until early stop."""
+def _reference_edit(hp: MemoirHyperParams, memory: torch.Tensor, indices: torch.Tensor, loss_now, lr: float,
+                    projector: torch.Tensor | None = None) -> EditResult:
+    """The reference's loop: SGD (weight decay, grad clip) for n_iter steps or until early stop;
+    the gradient of the edit's columns projected first when a projector is given."""
     memory.requires_grad_(True)
     decay_all = hp.weight_decay_scope == "all"
     optimizer = torch.optim.SGD([memory], lr=lr, weight_decay=hp.weight_decay if decay_all else 0.0)
@@ -311,6 +371,8 @@ def _reference_edit(hp: MemoirHyperParams, memory: torch.Tensor, indices: torch.
         if len(losses) >= 2 and abs(losses[-1] - losses[-2]) <= hp.early_stop_delta and losses[-1] <= hp.early_stop_loss:
             break
         loss.backward()
+        if projector is not None:
+            memory.grad[:, indices] = project_update(memory.grad[:, indices], projector)
         torch.nn.utils.clip_grad_norm_([memory], hp.grad_clip)
         optimizer.step()
         steps += 1
@@ -321,7 +383,7 @@ def _reference_edit(hp: MemoirHyperParams, memory: torch.Tensor, indices: torch.
 
 
 def _adaptive_edit(hp: MemoirHyperParams, memory: torch.Tensor, indices: torch.Tensor, loss_now,
-                   x_live: torch.Tensor, stream_norm: float) -> EditResult:
+                   x_live: torch.Tensor, stream_norm: float, projector: torch.Tensor | None = None) -> EditResult:
     """adaptive_descent on this edit's columns of W_m (the only ones the loss depends on)."""
     columns = memory.data[:, indices].clone()
     x_masked = x_live[:, indices].float()
@@ -339,7 +401,7 @@ def _adaptive_edit(hp: MemoirHyperParams, memory: torch.Tensor, indices: torch.T
         memory.grad = None
         loss = loss_now()
         loss.backward()
-        return loss.item(), memory.grad[:, indices].clone()
+        return loss.item(), project_update(memory.grad[:, indices].clone(), projector)
 
     # The reference's decay acts on all of W_m; here it shrinks only this edit's columns, since
     # without a learning rate in front of it, decaying every column would erase earlier edits.

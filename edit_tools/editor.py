@@ -6,6 +6,11 @@ ends with the same artifact as an uninterrupted run. `append=True` adds a new da
 edits to an existing artifact (lifelong editing). Each edit record keeps how its training
 ended (`outcome`: final loss, steps, whether it took); an edit that did not take is named in a
 warning, and the job logs how many took.
+
+With update_projection "null_space" the job also keeps the covariance of the edits' keys
+(edit_step.EarlierKeys): each checkpoint writes it to its own safetensors file, before the
+manifest that names it (job["update_keys"]), so a resumed or appending job continues with the
+keys of exactly the edits the artifact holds.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from tqdm import tqdm
 
 from vllm_memoir.core import (
@@ -35,7 +42,7 @@ from vllm_memoir.core.artifact import MANIFEST_NAME
 
 from .background import compute_background_mean, load_background
 from .datasets import EditRequest, load_edit_dataset, warn_if_mostly_unknown
-from .edit_step import apply_edit, apply_prompt_format, build_edit_batch
+from .edit_step import EarlierKeys, apply_edit, apply_prompt_format, build_edit_batch
 from .hf_model import MemoirHFModel
 from .hparams import MemoirHyperParams
 from .preflight import preflight
@@ -193,6 +200,61 @@ def run_edit_job(
         raise
 
 
+UPDATE_KEYS_GLOB = "update-keys-*.safetensors"
+
+
+def _update_keys_name(num_edits: int) -> str:
+    return f"update-keys-{num_edits}.safetensors"
+
+
+def save_update_keys(keys: EarlierKeys, out_dir: Path, num_edits: int) -> str:
+    """Write the keys' covariance for an artifact of num_edits edits (atomically); returns its file name."""
+    name = _update_keys_name(num_edits)
+    tmp = out_dir / f".{name}.tmp"
+    tensors = {"covariance": keys.covariance.contiguous()}
+    try:
+        save_file(tensors, str(tmp), metadata={"num_edits": str(num_edits), "num_keys": str(keys.count)})
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())  # on disk before the manifest that names it
+        os.replace(tmp, out_dir / name)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise EditJobError(f"{out_dir / name}: writing the update keys failed ({exc.strerror or exc}); the previous "
+                           "checkpoint is intact; free the space and run the same command again to resume") from exc
+    return name
+
+
+def load_update_keys(out_dir: Path, job: dict, num_edits: int, dim: int) -> EarlierKeys:
+    """The covariance the artifact's last checkpoint named; empty (with a warning) when the
+    artifact was made without update_projection, so its edits are not protected."""
+    name = job.get("update_keys")
+    if name is None:
+        if num_edits:
+            logger.warning("%s: its %d edits were made without update_projection, so their keys were not kept; "
+                           "the new edits are projected only away from each other's", out_dir, num_edits)
+        return EarlierKeys(dim)
+    path = out_dir / name
+    try:
+        with safe_open(str(path), "pt") as opened:
+            meta = opened.metadata() or {}
+            covariance = opened.get_tensor("covariance") if "covariance" in opened.keys() else None
+    except (OSError, SafetensorError) as exc:
+        raise EditJobError(f"{path}: the update keys the manifest names cannot be read ({exc}); "
+                           "rerun the job without update_projection or from scratch") from exc
+    if covariance is None or covariance.shape != (dim, dim) or meta.get("num_edits") != str(num_edits):
+        raise EditJobError(f"{path}: holds keys for {meta.get('num_edits')} edits of width "
+                           f"{None if covariance is None else tuple(covariance.shape)}, the artifact has {num_edits} "
+                           f"edits of width {dim}")
+    return EarlierKeys(dim, covariance.to(torch.float64), int(meta.get("num_keys", 0)))
+
+
+def _remove_stale_update_keys(out_dir: Path, keep: str | None) -> None:
+    """Older covariance files are garbage once a manifest naming a newer one is in place."""
+    for stale in out_dir.glob(UPDATE_KEYS_GLOB):
+        if stale.name != keep:
+            stale.unlink(missing_ok=True)
+
+
 def log_outcome(edit_id: int, request: EditRequest, result, hp: MemoirHyperParams) -> None:
     """One debug line per edit; a warning naming the edit when it did not take (a target token
     is not the top prediction on one of its rows after training), so that is never silent."""
@@ -215,6 +277,7 @@ def _run_checked_job(model_dir, data_name: str, requests: list[EditRequest], hp:
         artifact = load_artifact(out_dir, expected_fingerprint=hf.fingerprint())
         _check_compatible(artifact, hp, out_dir)
         job = artifact.manifest.job
+        keys_file = {"update_keys": job["update_keys"]} if "update_keys" in job else {}
         same_data = job.get("data_sha256") == digest
         if same_data and job.get("done", 0) < job.get("total", 0):
             logger.info("resuming %s at edit %d of %d", out_dir, job["done"], job["total"])
@@ -222,7 +285,8 @@ def _run_checked_job(model_dir, data_name: str, requests: list[EditRequest], hp:
             logger.info("%s already holds this job's %d edits; nothing to do", out_dir, job["total"])
             return artifact
         elif append:
-            job = {"data_sha256": digest, "first_row": artifact.manifest.num_edits, "done": 0, "total": len(requests)}
+            job = {"data_sha256": digest, "first_row": artifact.manifest.num_edits, "done": 0, "total": len(requests),
+                   **keys_file}
             logger.info("appending %d edits to %s (%d stored)", len(requests), out_dir, job["first_row"])
         else:
             raise EditJobError(f"{out_dir} already holds an artifact from another job; pass --append to add these edits to it")
@@ -237,13 +301,21 @@ def _run_checked_job(model_dir, data_name: str, requests: list[EditRequest], hp:
     permutation = artifact.permutation
     masks = [artifact.masks]
     next_id = max((e.edit_id for e in artifact.edits), default=-1) + 1
+    earlier_keys = None
+    if hp.update_projection != "none":
+        earlier_keys = load_update_keys(out_dir, job, len(artifact.edits), artifact.manifest.intermediate_size)
 
     def checkpoint() -> None:
         artifact.memory = hf.layer.memory.data.detach().cpu().clone()
         artifact.masks = torch.cat(masks)
         masks[:] = [artifact.masks]
+        if earlier_keys is not None:
+            job["update_keys"] = save_update_keys(earlier_keys, out_dir, len(artifact.edits))
+        else:
+            job.pop("update_keys", None)  # the edits made now have no keys kept: no file can stand for them
         artifact.manifest.job = dict(job)
         _save_checkpoint(artifact, out_dir)
+        _remove_stale_update_keys(out_dir, job.get("update_keys"))
 
     end = len(requests) if stop_after is None else min(len(requests), job["done"] + stop_after)
     bar = tqdm(range(job["done"], end), total=len(requests), initial=job["done"], disable=not progress, desc="edits")
@@ -253,7 +325,9 @@ def _run_checked_job(model_dir, data_name: str, requests: list[EditRequest], hp:
         request = requests[i]
         started = time.perf_counter()
         batch = build_edit_batch(hf, request.prompt, request.target, templates, request.loc)
-        result = apply_edit(hf, hp, batch, permutation, background, fast=hp.fast_loop)
+        result = apply_edit(hf, hp, batch, permutation, background, fast=hp.fast_loop, earlier_keys=earlier_keys)
+        if earlier_keys is not None:
+            earlier_keys.add(result.mask_indices, result.keys)
         masks.append(pack_indices(result.mask_indices.unsqueeze(0), artifact.manifest.intermediate_size))
         artifact.edits.append(
             EditRecord(edit_id=next_id, prompt=request.prompt, target=request.target, rephrase=request.rephrase,

@@ -78,6 +78,20 @@ class MemoirHyperParams:
     # Which prompt tokens the route feature averages: "prompt" (all, the reference) or
     # "last_user_message" (the chat template's last user turn; vllm_memoir/core/route_span.py).
     routing_span: str = "prompt"
+    # Updates that leave earlier edits alone (edit_step.EarlierKeys; issue 13 part 3):
+    # - "none" (default, the reference): each edit's step uses its columns' gradient as it is.
+    # - "null_space": the job keeps the covariance of earlier edits' keys (the masked down_proj
+    #   inputs at their target positions, float64, checkpointed beside the artifact) and projects
+    #   each step's gradient on this edit's columns away from their dominant directions
+    #   (AlphaEdit's null space), so W_m's output on earlier keys changes little. Exact for the
+    #   last layer, where the residual reaches the loss only at the target positions; weight
+    #   decay (if set) still shrinks earlier columns. Use it with the reference step: the adaptive
+    #   step's large steps in a thin null space undo it (benchmarks/RESULTS.md, issue 13 part 3).
+    update_projection: str = "none"
+    # Which directions of the earlier keys (on this edit's columns) are protected: eigenvectors
+    # of their covariance whose eigenvalue is above this share of the largest. Lower protects
+    # more of the earlier edits and leaves this edit less room (a low value can keep it from taking).
+    null_space_threshold: float = 1e-2
 
     def __post_init__(self) -> None:
         # Where each value came from, for error messages; not a hyperparameter (asdict skips it).
@@ -146,7 +160,9 @@ class MemoirHyperParams:
 
     def _number(self, key: str, low: float, high: float | None = None, low_open: bool = False) -> None:
         value = getattr(self, key)
-        allowed = f"{'>' if low_open else '>='} {low:g}" if high is None else f"{low:g} to {high:g}"
+        allowed = f"{'>' if low_open else '>='} {low:g}" + ("" if high is None else f" and <= {high:g}")
+        if high is not None and not low_open:
+            allowed = f"{low:g} to {high:g}"
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise self.bad_value(key, "is not a number", allowed)
         too_low = value <= low if low_open else value < low
@@ -174,6 +190,7 @@ class MemoirHyperParams:
         self._choice("weight_decay_scope", ("all", "masked"))
         self._choice("lr_scaling", ("none", "activation"))
         self._choice("update_rule", ("auto", "adaptive", "reference"))
+        self._choice("update_projection", ("none", "null_space"))
         self.update_rule = self.resolved_update_rule
         if self.update_rule == "reference":
             self.edit_lr, self.n_iter = self.reference_lr, self.reference_n_iter
@@ -193,6 +210,7 @@ class MemoirHyperParams:
             self._number("edit_lr", 0, low_open=True)
         self._number("edit_loss_target", 0, low_open=True)
         self._number("adaptive_step_limit", 0)
+        self._number("null_space_threshold", 0, 1, low_open=True)
         self._number("irr_threshold", 0, 1)
         self._number("weight_decay", 0)
         self._number("grad_clip", 0, low_open=True)
