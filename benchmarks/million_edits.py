@@ -11,10 +11,11 @@ edits say; benchmarks/synthetic_artifact.py) and measures:
   records   the edit records' memory (RSS growth while reading them) and what the garbage
             collector pays for them: a full collection with them alive, and gc.freeze();
   admin     EditControl (the API server's side of the admin routes) against an in-process
-            stand-in of the workers that serves the artifact the way a worker does (records,
-            edit ids by row, {edit_id: row}, an EditRouter): `GET /memoir/edits` pages,
-            disable/enable (in memory and persisted), and a live swap's prepare (load and
-            stage on a loader thread) and commit. No vLLM: the engine's pause is a no-op.
+            stand-in of the workers that serves the artifact the way a worker does (the columnar
+            records, edit ids by row, the id -> row lookup, an EditRouter, the worker's listing
+            function): `GET /memoir/edits` pages and the whole list (asked in chunks, as the
+            server does), disable/enable (in memory and persisted), and a live swap's prepare
+            (load and stage on a loader thread) and commit. No vLLM engine: its pause is a no-op.
 
 Matching cost at 1,000,000 edits is benchmarks/routing_cost.py's.
 
@@ -46,6 +47,7 @@ from synthetic_artifact import random_masks  # noqa: E402
 
 from vllm_memoir.core import ArtifactManifest, EditRecord, MemoirArtifact, load_artifact, save_artifact  # noqa: E402
 from vllm_memoir.core import artifact as artifact_module  # noqa: E402
+from vllm_memoir.core.artifact import EditRecords  # noqa: E402
 from vllm_memoir.core.routing import EditRouter  # noqa: E402
 
 # name: (hidden_size, intermediate_size, top_k)
@@ -125,14 +127,19 @@ class StandInWorkers:
     {edit_id: row}, an EditRouter; loads run on a loader thread."""
 
     def __init__(self, path: Path, artifact: MemoirArtifact):
+        # Imported here, after the load and collector measurements: it imports vLLM (~0.4 GB).
+        from vllm_memoir.live_edits import listed_edits
+
+        self.listed_edits = listed_edits
         self.path, self.served, self.staged = path, self.stage(artifact), None
         self.loading: asyncio.Future | None = None
 
     @staticmethod
     def stage(artifact: MemoirArtifact) -> dict:
-        edit_ids = [e.edit_id for e in artifact.edits]
-        return {"manifest": artifact.manifest, "records": list(artifact.edits), "edit_ids": edit_ids,
-                "rows": {edit_id: row for row, edit_id in enumerate(edit_ids)}, "router": EditRouter(artifact)}
+        # As MemoirDownProj.stage: the columnar records, ids by row and the id -> row lookup.
+        records = EditRecords.of(artifact.edits)
+        return {"manifest": artifact.manifest, "records": records, "edit_ids": records.ids_by_row(),
+                "rows": records.rows_by_id(), "router": EditRouter(artifact)}
 
     async def collective_rpc(self, method: str, args: tuple = ()) -> list[dict]:
         try:
@@ -150,12 +157,11 @@ class StandInWorkers:
         served = self.served
         manifest, records = served["manifest"], served["records"]
         state = {"path": str(self.path), "version": manifest.version, "num_edits": len(records),
-                 "num_enabled": int(served["router"].enabled.sum()), "tp_rank": 0}
+                 "num_enabled": records.num_enabled, "tp_rank": 0}
         if with_edits:
             end = len(records) if limit is None else offset + limit
             state["offset"] = offset
-            state["edits"] = [{"edit_id": e.edit_id, "prompt": e.prompt, "target": e.target, "enabled": e.enabled,
-                               "routed_requests": 0} for e in records[offset:end]]
+            state["edits"] = self.listed_edits(records, offset, end, {})  # what a worker lists
         return state
 
     def memoir_prepare(self, path: str, version: int) -> dict:
@@ -180,7 +186,7 @@ class StandInWorkers:
     def memoir_set_enabled(self, edit_id: int, enabled: bool) -> dict:
         row = self.served["rows"][edit_id]
         self.served["router"].enabled[row] = enabled
-        self.served["records"][row].enabled = enabled
+        self.served["records"].set_enabled(row, enabled)
         return {"edit_id": edit_id, "enabled": enabled}
 
 

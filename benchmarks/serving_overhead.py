@@ -319,8 +319,8 @@ def compare(plain: VllmServer, plugin: VllmServer, workload: Workload, warmup: W
         scenario.profile = profile(plugin, workload, profile_dir / f"profile_{args_label(scenario)}")
 
 
-PROFILED = ("_model_forward", "add_routed_residual", "_decide", "decode_step", "add_residual",
-            "dense_masked_residual", "current_layout", "update_state", "best_overlaps")
+PROFILED = ("_model_forward", "add_routed_residual", "_decide", "decode_step", "add_picked_residual",
+            "add_residual", "record", "sum_before", "current_layout", "update_state", "best_overlaps")
 
 
 def args_label(scenario: "Scenario") -> str:

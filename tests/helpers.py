@@ -56,3 +56,17 @@ def wait_until(condition: Callable[[], T], timeout: float, what: str, poll: floa
         if time.monotonic() > deadline:
             raise AssertionError(f"{what}: not so after {timeout:.0f} s")
         time.sleep(poll)
+
+
+def init_single_rank_vllm() -> None:
+    """vLLM's distributed state for one rank in this process (gloo on a free local port), as
+    a routed layer built outside a server needs."""
+    import socket
+
+    from vllm.distributed import init_distributed_environment, initialize_model_parallel
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    init_distributed_environment(1, 0, f"tcp://127.0.0.1:{port}", 0, "gloo")
+    initialize_model_parallel(1)

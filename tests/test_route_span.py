@@ -15,6 +15,7 @@ from edit_tools.chat_models import LONG_SYSTEM_PROMPT, SHORT_SYSTEM_PROMPT, buil
 from edit_tools.hparams import HParamsError, MemoirHyperParams
 from vllm_memoir.core import ArtifactError, read_manifest
 from vllm_memoir.core.route_span import RouteSpan, RouteSpanError
+from vllm_memoir.routing.layout import TokenLayout
 
 USER, END = (90, 91), (92,)  # marker ids of the hand-made prompts below
 SPAN = RouteSpan("last_user_message", USER, END)
@@ -139,19 +140,20 @@ def test_request_routes_keep_each_slot_span():
 def _record(block_sums, span_sums, x, positions, table, boundaries, size):
     """What the routed layer records for one row computing `positions` (consecutive) of a request."""
     slots = torch.tensor([table[p // size] * size + p % size for p in positions])
-    block_sums.record(x, slots)
+    layout = TokenLayout([0, len(positions)], [positions[-1] + 1], slots, torch.tensor([table]))
+    block_sums.record(x, layout, layout.tokens_of(len(positions)))
     span_sums.record(x, slots, [(0, len(positions), positions[0], boundaries)])
 
 
 @pytest.mark.parametrize("size", [4, 5])
 def test_span_sums_are_exact_for_chunks_and_shared_blocks(size):
-    from vllm_memoir.routing.block_sums import BlockFeatureSums
+    from vllm_memoir.routing.block_sums import BlockSums
     from vllm_memoir.routing.span_sums import SpanBlockSums
 
     rng = random.Random(size)
     dim = 3
     for trial in range(40):
-        block_sums, span_sums = BlockFeatureSums(size, dim, "cpu"), SpanBlockSums(size, dim, "cpu")
+        block_sums, span_sums = BlockSums(size, dim, "cpu", num_blocks=100), SpanBlockSums(size, dim, "cpu")
         # A prompt: system turn, earlier user turns, the last user message, a generation prompt.
         ids = [1]
         for _ in range(rng.randint(1, 3)):
@@ -181,13 +183,13 @@ def test_span_sums_are_exact_for_chunks_and_shared_blocks(size):
 
 
 def test_span_sums_flag_blocks_without_matching_offsets():
-    from vllm_memoir.routing.block_sums import BlockFeatureSums
+    from vllm_memoir.routing.block_sums import BlockSums
     from vllm_memoir.routing.span_sums import SpanBlockSums
 
     size, dim = 4, 2
     ids = [1, 5, 90, 91, 6, 7, 92, 93]  # span [4, 6) starts inside block 1
     x = torch.arange(16, dtype=torch.float32).view(8, 2)
-    block_sums, span_sums = BlockFeatureSums(size, dim, "cpu"), SpanBlockSums(size, dim, "cpu")
+    block_sums, span_sums = BlockSums(size, dim, "cpu", num_blocks=100), SpanBlockSums(size, dim, "cpu")
     # Block 1 computed while a whole-prompt artifact was served: no boundaries recorded.
     _record(block_sums, span_sums, x, list(range(8)), [0, 1], None, size)
     got, exact = span_sums.span_sum(block_sums, torch.tensor([0, 1]), 4, 6, 8)

@@ -22,8 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from vllm_memoir.core import ArtifactError, load_artifact, read_manifest, save_artifact
-from vllm_memoir.core.artifact import shown_path, unfinished_job
+from vllm_memoir.core.artifact import EditRecords, shown_path, unfinished_job
 from vllm_memoir.validation import artifact_sha256
 
 logger = logging.getLogger(__name__)
@@ -35,6 +37,8 @@ POLL_SECONDS = 0.05
 EXTENSION = "vllm_memoir.worker_extension.MemoirWorkerExtension"
 # Linux's PATH_MAX: no longer path can name a file, so it is refused before any file system call.
 MAX_PATH_CHARS = 4096
+# Edits per worker answer when listing (GET /memoir/edits asks for a page, or for them all).
+LISTING_CHUNK = 10_000
 
 
 @dataclass
@@ -98,6 +102,23 @@ class EditControl:
         return answers
 
     async def state(self, offset: int = 0, limit: int | None = None) -> dict[str, Any]:
+        """The served edits offset..offset+limit (all from offset when limit is None), asked of
+        the workers LISTING_CHUNK at a time: each answer stays small, so the engine loop is held
+        for a chunk at most, and no process is left holding (then freeing, on the next call) a
+        1,000,000-entry answer. A listing that spans a swap is refused (409): retry it."""
+        state = await self._state_chunk(offset, _chunk(limit))
+        listed, last = state["edits"], len(state["edits"])
+        while last == LISTING_CHUNK and (limit is None or len(listed) < limit):
+            chunk = await self._state_chunk(offset + len(listed), _chunk(None if limit is None else limit - len(listed)))
+            last = len(chunk["edits"])
+            if (chunk["version"], chunk.get("artifact_sha256")) != (state["version"], state.get("artifact_sha256")):
+                raise EditControlError(409, f"the served edits changed (version {state['version']} -> "
+                                            f"{chunk['version']}) while they were listed; retry")
+            listed += chunk["edits"]
+            state = {**chunk, "offset": offset, "edits": listed}
+        return state
+
+    async def _state_chunk(self, offset: int, limit: int) -> dict[str, Any]:
         answers = await self._on_workers("memoir_state", True, offset, limit)
         versions = {a["version"] for a in answers}
         if len(versions) != 1:  # cannot happen through this controller; say so if it does
@@ -199,6 +220,10 @@ class EditControl:
 
 
 
+def _chunk(limit: int | None) -> int:
+    return LISTING_CHUNK if limit is None else min(limit, LISTING_CHUNK)
+
+
 async def persist_enabled_flags(served: dict[str, Any], changes: dict[int, bool]) -> Path:
     """Save the served edits' enabled flags (a `state()` answer: path, version, edits), with
     `changes` ({edit_id: enabled}) applied, into the served artifact as its next version;
@@ -228,8 +253,7 @@ async def persist_enabled_flags(served: dict[str, Any], changes: dict[int, bool]
         if job is not None:
             raise EditControlError(409, f"{shown_path(path)} is a checkpoint of an edit job ({job['done']} of "
                                         f"{job['total']} edits done): persist once the job has finished")
-        for record in artifact.edits:
-            record.enabled = flags.get(record.edit_id, record.enabled)
+        apply_enabled_flags(artifact.edits, flags)
         save_artifact(artifact, path)
 
     try:
@@ -238,6 +262,22 @@ async def persist_enabled_flags(served: dict[str, Any], changes: dict[int, bool]
         reason = exc if isinstance(exc, ArtifactError) else (exc.strerror or exc)
         raise EditControlError(409, f"cannot persist into {shown_path(path)}: {reason}") from exc
     return path
+
+
+def apply_enabled_flags(edits: EditRecords | list, flags: dict[int, bool]) -> None:
+    """Set the enabled flag of every record whose id `flags` names; only the rows that change
+    are rewritten (a columnar store of 1,000,000 records is not parsed whole)."""
+    if not isinstance(edits, EditRecords):
+        for record in edits:
+            record.enabled = flags.get(record.edit_id, record.enabled)
+        return
+    ids = np.fromiter(flags, np.int64, len(flags))
+    wanted = np.fromiter(flags.values(), bool, len(flags))
+    rows = edits.rows_of(ids)
+    known = rows >= 0
+    rows, wanted = rows[known], wanted[known]
+    for row in rows[edits.enabled[rows] != wanted].tolist():
+        edits.set_enabled(row, not bool(edits.enabled[row]))
 
 
 async def swap_persisted(swap, path: Path) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 
 - the tested vLLM release (a warning names it when another runs);
 - engine flags: prefix caching and chunked prefill are exact only for edits at the last
-  decoder layer (routing.prefix_sums), CUDA graphs piecewise with the routing op as a
+  decoder layer (routing.block_sums), CUDA graphs piecewise with the routing op as a
   splitting op, no prompt embeddings, speculative decoding or pipeline parallelism;
 - runner detection: the V1 model runner needs the request tracker in --logits-processors,
   Model Runner V2 finds the MEMOIR model state through the model class;
@@ -109,7 +109,7 @@ def check_prompt_splitting(vllm_config: Any, manifest: ArtifactManifest, where: 
 
     There the residual changes no KV (it reaches only the logits of its own positions), so a
     prompt may reach the layer in chunks or partly from the prefix cache: its route feature
-    is completed from per-block sums (routing.prefix_sums). Below the last layer the KV of
+    is completed from per-block sums (routing.block_sums). Below the last layer the KV of
     later layers depends on the route, which a prompt chunk or a cached prefix computed
     before (or under another) route would carry.
     """

@@ -12,7 +12,7 @@ controller in the API server (edit_control) drains in-flight requests before `co
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ import torch
 
 from vllm_memoir.routing import requests as request_routes
 from vllm_memoir.core import NO_ROUTE
+from vllm_memoir.core.artifact import EditRecords
 from vllm_memoir.routing.layer import MemoirDownProj, StagedEdits
 from vllm_memoir.validation import MemoirConfigError, artifact_sha256
 
@@ -47,6 +48,17 @@ def edited_layer(model: torch.nn.Module) -> MemoirDownProj:
     return layers[0]
 
 
+def listed_edits(records: EditRecords, start: int, end: int, route_counts: Mapping[int, int]) -> list[dict[str, Any]]:
+    """Rows start..end-1 as the admin listing shows them. Only those rows' lines are parsed (a
+    page costs O(page) whatever the number of edits), in one call, with no EditRecord built."""
+    listed = []
+    for obj in records.json_objects(start, end):
+        edit_id = int(obj["edit_id"])
+        listed.append({"edit_id": edit_id, "prompt": str(obj["prompt"]), "target": str(obj["target"]),
+                       "enabled": bool(obj.get("enabled", True)), "routed_requests": route_counts.get(edit_id, 0)})
+    return listed
+
+
 class LiveEdits:
     """One worker's edited layer, its staged next version, and the request routes to rebase."""
 
@@ -66,7 +78,8 @@ class LiveEdits:
             # Tells apart two checkpoints of one edit job (same version, other content).
             "artifact_sha256": artifact_sha256(layer.manifest),
             "num_edits": len(layer.records),
-            "num_enabled": int(layer.router.router.enabled.sum()),
+            # Kept by the records as flags change: no pass over 1,000,000 flags (or a device sync) per call.
+            "num_enabled": layer.records.num_enabled,
             "tp_rank": layer.tp_rank,
         }
         # Only rank 0 lists the edits (and counts routes): the other ranks' lists are the same.
@@ -74,11 +87,7 @@ class LiveEdits:
             state["unrouted_requests"] = layer.unrouted_count
             end = len(layer.records) if limit is None else offset + limit
             state["offset"] = offset
-            state["edits"] = [
-                {"edit_id": e.edit_id, "prompt": e.prompt, "target": e.target, "enabled": e.enabled,
-                 "routed_requests": layer.route_counts.get(e.edit_id, 0)}
-                for e in layer.records[offset:end]
-            ]
+            state["edits"] = listed_edits(layer.records, offset, end, layer.route_counts)
         return state
 
     def prepare(self, path: str, expected_version: int) -> dict[str, Any]:

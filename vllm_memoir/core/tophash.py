@@ -87,6 +87,8 @@ def pack_indices(indices: torch.Tensor, dim: int) -> torch.Tensor:
     width = packed_width(dim)
     bits = torch.zeros(rows, width * 8, dtype=torch.bool, device=indices.device)
     bits.scatter_(1, indices.long(), True)
+    if bits.device.type == "cpu":  # numpy packs in one call (a routing decision's path)
+        return torch.from_numpy(np.packbits(bits.numpy(), axis=1, bitorder="little"))
     weights = (1 << torch.arange(8, device=indices.device, dtype=torch.int32))
     return (bits.view(rows, width, 8).to(torch.int32) * weights).sum(-1).to(torch.uint8)
 
@@ -302,6 +304,11 @@ def match_routes(
         none = torch.full((n_query,), NO_ROUTE, dtype=torch.int64, device=query.device)
         return none, none.clone(), torch.zeros(n_query, dtype=torch.float32, device=query.device)
     best_count, best_edit = best_overlaps(query, stored, enabled)
+    if best_count.device.type == "cpu":  # a handful of numbers: numpy's calls cost less than torch's
+        count = best_count.numpy()
+        overlap = np.maximum(count, 0).astype(np.float32) / np.float32(top_k)
+        route = np.where((overlap >= irr_threshold) & (count >= 0), best_edit.numpy(), NO_ROUTE)
+        return torch.from_numpy(route), best_edit, torch.from_numpy(overlap)
     overlap = best_count.clamp(min=0).float() / float(top_k)
     routed = (overlap >= irr_threshold) & (best_count >= 0)
     route = torch.where(routed, best_edit, torch.full_like(best_edit, NO_ROUTE))

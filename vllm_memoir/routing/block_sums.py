@@ -1,56 +1,97 @@
-"""Sums of the edited layer's down_proj input per KV-cache block, for routing spans seen in parts.
+"""Sums of the edited layer's down_proj input per KV-cache block, for prompts seen in parts.
 
-Routing on a span of the prompt (the last user message; span_sums) needs each block's own
-sum, where whole-prompt routing needs only running sums (prefix_sums): a request's tokens
-before its first position in this forward are exactly the blocks of its block table,
-whether this request computed them in an earlier chunk or another request computed them
-and the prefix cache handed them over.
+A route feature is the mean of layer L's down_proj input over a prompt (or over a span of
+it). With chunked prefill a prompt reaches layer L over several forwards, and with prefix
+caching its cached tokens never reach it at all. Both are covered by keeping, beside vLLM's
+KV cache, each physical block's sum of the input over the positions written to it: a
+request's tokens before its first position in a forward are exactly the blocks of its
+block table, whether it computed them in an earlier chunk or the prefix cache handed them
+over from another request.
 
-Exact only when the down_proj input at a position does not depend on any route, i.e. the
-edit sits at the last decoder layer (validation refuses the other cases): then the sums of
-a block depend on its tokens alone, like the KV vLLM shares.
+Why a block's sum fits every request that shares it: vLLM's prefix cache hands a block to
+another request only when all tokens up to the block's end agree (the block hash chains
+over the whole prefix), and the input at a position depends on those tokens alone when it
+does not depend on any route, i.e. the edit sits at the last decoder layer (the start-up
+checks refuse the other cases under prompt splitting).
 
-A block's sum is reset when a token is written at the block's first slot: vLLM fills a
-block from its first slot whenever it (re)computes it, and never rewrites a cached block.
+A block's sum is reset when a token is written at its first slot: vLLM fills a block from
+its first slot whenever it (re)computes it, and never rewrites a cached block.
+
+Recording is one reset and one scatter-add per forward, of fixed shape (the forward's
+token count): cheap enough for every decode step, which must record too (a later turn of a
+chat re-sends this answer as prompt, and the prefix cache hands its blocks over). Reading
+walks a request's block table once, at its routing decision. The table is float32, as the
+reference's sum over a prompt is; nothing is read back to the host.
 """
 
 from __future__ import annotations
 
+import logging
+from typing import Callable
+
 import torch
 
+from vllm_memoir.routing.layout import TokenIndex, TokenLayout
 
-class BlockFeatureSums:
-    """[num_blocks, D_local] float32 sums, grown on demand, indexed like the KV cache."""
+logger = logging.getLogger(__name__)
 
-    def __init__(self, block_size: int, local_dim: int, device: torch.device | str):
+
+class BlockSums:
+    """[num_blocks + 2, D_local] float32: a row per KV block, then an always-zero row (read for
+    block-table entries a request does not use) and a row that absorbs padding writes."""
+
+    def __init__(self, block_size: int, local_dim: int, device: torch.device | str,
+                 num_blocks: int | Callable[[], int | None] | None = None):
         if block_size < 1:
             raise ValueError(f"block_size must be positive, got {block_size}")
         self.block_size = block_size
-        self.sums = torch.zeros(0, local_dim, dtype=torch.float32, device=device)
+        self.local_dim = local_dim
+        self.device = torch.device(device)
+        # An int, or a callable giving the KV cache's block count once the engine knows it.
+        self._num_blocks = num_blocks
+        self.sums: torch.Tensor | None = None
 
-    def _ensure_blocks(self, num_blocks: int) -> None:
-        if num_blocks <= self.sums.shape[0]:
-            return
-        # Grow geometrically: the KV cache's block count is fixed, so this settles quickly.
-        grown = torch.zeros(max(num_blocks, 2 * self.sums.shape[0]), self.sums.shape[1],
-                            dtype=self.sums.dtype, device=self.sums.device)
-        grown[: self.sums.shape[0]] = self.sums
-        self.sums = grown
+    def _allocate(self, layout: TokenLayout) -> None:
+        num_blocks = self._num_blocks() if callable(self._num_blocks) else self._num_blocks
+        if not num_blocks:
+            # Unknown before the KV cache exists (unit tests): size from the first forward's
+            # block table, with room; one host read, once.
+            num_blocks = 2 * (int(layout.block_table.max()) + 1) + 64
+            logger.warning("MEMOIR: KV block count unknown; sizing block sums for %d blocks", num_blocks)
+        self.sums = torch.zeros(num_blocks + 2, self.local_dim, dtype=torch.float32, device=self.device)
 
-    def record(self, x: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-        """Add this forward's tokens x[t] (down_proj inputs) to the blocks their KV went to.
+    @property
+    def _zero_row(self) -> int:
+        return self.sums.shape[0] - 2
 
-        slot_mapping: [T] KV slot of each token (negative for padding tokens, skipped).
-        """
-        slots = slot_mapping[: x.shape[0]].to(torch.int64)
-        valid = slots >= 0
-        if not bool(valid.all()):
-            slots, x = slots[valid], x[valid]
-        if slots.numel() == 0:
-            return
-        blocks = torch.div(slots, self.block_size, rounding_mode="floor")
-        self._ensure_blocks(int(blocks.max()) + 1)
-        starts = blocks[slots % self.block_size == 0]
-        if starts.numel():
-            self.sums.index_fill_(0, starts, 0.0)  # (re)computed from its first slot: new content
-        self.sums.index_add_(0, blocks, x.float())
+    @property
+    def _discard_row(self) -> int:
+        return self.sums.shape[0] - 1
+
+    def sum_before(self, layout: TokenLayout, rows: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
+        """[P, D] the summed input of batch rows `rows` over their positions 0..first-1 (zero
+        where first is 0): the blocks of their block tables below `first`, the last one as far
+        as it was written. Read before this forward is recorded."""
+        if self.sums is None:
+            self._allocate(layout)
+        table = layout.block_table.index_select(0, rows).long()  # [P, max blocks per request]
+        used = torch.arange(table.shape[1], device=table.device) * self.block_size < first.unsqueeze(1)
+        blocks = torch.where(used, table.clamp(0, self._zero_row - 1), self._zero_row)
+        return self.sums.index_select(0, blocks.flatten()).view(*blocks.shape, -1).sum(dim=1)
+
+    def record(self, x: torch.Tensor, layout: TokenLayout, tokens: TokenIndex) -> None:
+        """Add this forward's tokens to the blocks their KV went to (padding tokens: to the
+        discard row), resetting the blocks written from their first slot."""
+        if self.sums is None:
+            self._allocate(layout)
+        size = self.block_size
+        slots = layout.slot_mapping[: x.shape[0]].long()
+        if slots.shape[0] < x.shape[0]:  # padding tokens beyond the metadata's slots
+            slots = torch.cat([slots, slots.new_full((x.shape[0] - slots.shape[0],), -1)])
+        if not tokens.decode_only:  # padding tokens past the last row: whatever their slots say
+            slots = torch.where(tokens.valid, slots, -1)
+        # Padding slots are -1: their block, -1, wraps to the discard row (the table's last).
+        block = torch.div(slots, size, rounding_mode="floor").remainder_(self.sums.shape[0])
+        starting = torch.where(slots % size == 0, block, self._discard_row)
+        self.sums.index_fill_(0, starting, 0.0)
+        self.sums.index_add_(0, block, x.to(self.sums.dtype))

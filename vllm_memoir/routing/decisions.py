@@ -36,7 +36,10 @@ class ShardedPromptRouter:
         bg = self.router.background_mean
         self.local_background = None if bg is None else bg[self.offset:self.offset + self.local_dim]
         self.all_gather = all_gather
-        self._shifts = torch.arange(8, dtype=torch.uint8, device=device)
+        values = torch.arange(256, device=device).unsqueeze(1)
+        self._bits_of_bytes = (values >> torch.arange(8, device=device)) & 1
+        self._byte_bits_by_dtype: dict[torch.dtype, torch.Tensor] = {}
+        self._byte_aligned = self.offset % 8 == 0 and self.local_dim % 8 == 0
 
     def prompt_feature(self, x_prompt: torch.Tensor) -> torch.Tensor:
         """[T, D_local] down_proj inputs of one prompt -> [D_local] (this rank's slice)."""
@@ -70,15 +73,25 @@ class ShardedPromptRouter:
         """decide() kept on the device: (route, best edit, overlap), [B] each."""
         return self.router.route_tensors(self._global_features(local_features))
 
-    def row_masks(self, routes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    def row_masks(self, routes: torch.Tensor, dtype: torch.dtype, all_routed: bool = False) -> torch.Tensor:
         """[R] edit rows (negative: no edit) -> [R, D_local] 0/1 masks of this rank's columns.
 
-        A pure tensor function of the stored masks: rows without an edit get an all-zero mask.
+        A pure tensor function of the stored masks: rows without an edit get an all-zero mask
+        (`all_routed`: the caller knows every row has one, and skips that step).
         """
-        packed = self.router.masks.index_select(0, routes.clamp(min=0))  # [R, W] uint8
-        bits = (packed.unsqueeze(-1) >> self._shifts) & 1  # bit j of byte b is column 8b + j
-        local = bits.reshape(packed.shape[0], -1)[:, self.offset:self.offset + self.local_dim]
-        return local.to(dtype) * (routes >= 0).unsqueeze(1).to(dtype)
+        packed = self.router.masks.index_select(0, routes if all_routed else routes.clamp(min=0))  # [R, W] uint8
+        if self._byte_aligned:
+            packed = packed[:, self.offset // 8:(self.offset + self.local_dim) // 8]
+        # One table lookup per packed byte (its 8 columns as 0/1), bit j of byte b being column 8b + j.
+        bits = self._byte_bits(dtype).index_select(0, packed.reshape(-1).long()).view(packed.shape[0], packed.shape[1] * 8)
+        local = bits if self._byte_aligned else bits[:, self.offset:self.offset + self.local_dim]
+        return local if all_routed else local * (routes >= 0).unsqueeze(1).to(dtype)
+
+    def _byte_bits(self, dtype: torch.dtype) -> torch.Tensor:
+        """[256, 8] the bits of each byte value, as `dtype` 0/1 (made once per dtype)."""
+        if dtype not in self._byte_bits_by_dtype:
+            self._byte_bits_by_dtype[dtype] = self._bits_of_bytes.to(dtype)
+        return self._byte_bits_by_dtype[dtype]
 
     def _global_features(self, local: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:
@@ -93,3 +106,31 @@ class ShardedPromptRouter:
         gathered = self.all_gather(pairs.contiguous())  # [B, 2, k * tp]
         dense = torch.zeros(local.shape[0], self.dim, dtype=torch.float32, device=local.device)
         return dense.scatter_(1, gathered[:, 1].long(), gathered[:, 0])
+
+
+class MaskTables:
+    """The served edits' packed masks and enabled flags, in tables allocated with spare rows
+    and kept across live swaps: a swap copies the new edits in (the routers it serves read
+    views of the tables), so what reads them keeps its addresses, as CUDA graphs need.
+    Only a swap to more edits than the tables hold allocates them anew, with room to grow."""
+
+    SPARE = 0.25  # room for appended edits, as a share of the edits served
+    MIN_ROWS = 1024
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.masks: torch.Tensor | None = None
+        self.enabled: torch.Tensor | None = None
+
+    def adopt(self, router: ShardedPromptRouter) -> ShardedPromptRouter:
+        """Copy `router`'s masks and flags into the tables and point it at them; returns it."""
+        edits = router.router
+        count, width = edits.masks.shape
+        if self.masks is None or count > self.masks.shape[0] or width != self.masks.shape[1]:
+            rows = max(count + int(count * self.SPARE), self.MIN_ROWS)
+            self.masks = torch.zeros(rows, width, dtype=edits.masks.dtype, device=self.device)
+            self.enabled = torch.zeros(rows, dtype=torch.bool, device=self.device)
+        self.masks[:count].copy_(edits.masks)
+        self.enabled[:count].copy_(edits.enabled)
+        edits.masks, edits.enabled = self.masks[:count], self.enabled[:count]
+        return router

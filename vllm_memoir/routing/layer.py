@@ -21,10 +21,11 @@ import torch
 from vllm.distributed import get_tp_group, tensor_model_parallel_all_reduce
 from vllm.model_executor.layers.linear import RowParallelLinear
 
-from vllm_memoir.core import ArtifactManifest, EditRecord, MemoirArtifact
+from vllm_memoir.core import ArtifactManifest, MemoirArtifact
+from vllm_memoir.core.artifact import EditIdsByRow, EditRecords, EditRowsById
 from vllm_memoir.routing import op, requests
-from vllm_memoir.routing.decisions import ShardedPromptRouter
-from vllm_memoir.routing.prefix_sums import PrefixSums
+from vllm_memoir.routing.decisions import MaskTables, ShardedPromptRouter
+from vllm_memoir.routing.block_sums import BlockSums
 from vllm_memoir.routing.step import RoutingStep
 
 logger = logging.getLogger(__name__)
@@ -37,11 +38,11 @@ class StagedEdits:
     """One artifact version prepared for this rank (memory slice, router), not yet served."""
 
     manifest: ArtifactManifest
-    records: list[EditRecord]
+    records: EditRecords  # columnar: ids and flags as arrays, each record parsed when read
     memory: torch.Tensor
     router: ShardedPromptRouter
-    edit_ids: list[int]  # by row
-    rows: dict[int, int]  # edit id -> row (built here, off the swap's pause)
+    edit_ids: EditIdsByRow  # by row
+    rows: EditRowsById  # edit id -> row (its lookup prepared here, off the swap's pause)
 
 
 class MemoirDownProj(torch.nn.Module):
@@ -59,7 +60,8 @@ class MemoirDownProj(torch.nn.Module):
         self.register_buffer("memory", torch.zeros(base_layer.output_size, self.local_dim,
                                                    dtype=base_layer.params_dtype, device=self.device),
                              persistent=False)
-        self.step = RoutingStep(self, *_prefix_sums_for_engine(self.local_dim, self.device))
+        self.step = RoutingStep(self, *_block_sums_for_engine(self.local_dim, self.device))
+        self.mask_tables = MaskTables(self.device)
         self.serve(self.stage(artifact))
         op.register_layer(self.layer_name, self)
 
@@ -96,14 +98,14 @@ class MemoirDownProj(torch.nn.Module):
         memory = artifact.memory[:, start:start + self.local_dim].to(self.device, self.base_layer.params_dtype)
         all_gather = (lambda t: get_tp_group().all_gather(t, dim=-1)) if self.tp_size > 1 else None
         router = ShardedPromptRouter(artifact, self.tp_rank, self.tp_size, self.device, all_gather)
-        edit_ids = [e.edit_id for e in artifact.edits]
-        rows = {edit_id: row for row, edit_id in enumerate(edit_ids)}
-        return StagedEdits(artifact.manifest, list(artifact.edits), memory.contiguous(), router, edit_ids, rows)
+        records = EditRecords.of(artifact.edits)
+        return StagedEdits(artifact.manifest, records, memory.contiguous(), router, records.ids_by_row(),
+                           records.rows_by_id())
 
     def serve(self, staged: StagedEdits) -> None:
         """Serve `staged` from the next forward on (called between engine steps)."""
         self.memory.copy_(staged.memory)
-        self.router = staged.router
+        self.router = self.mask_tables.adopt(staged.router)
         self.manifest = staged.manifest
         self.records = staged.records
         self.edit_ids = staged.edit_ids
@@ -111,16 +113,16 @@ class MemoirDownProj(torch.nn.Module):
         span = staged.manifest.route_span()
         requests.serve_route_span(span)
         self.step.serve_span_rule(span.whole_prompt)
-        # The served edits' Python objects (an EditRecord per edit: 200k+ objects at 100k
-        # edits) live as long as they are served; left to the collector, every full garbage
-        # collection walks them (tens of ms, stalls that profiled as a 0.7x throughput at
-        # 100k edits). Freezing moves them out of its reach, as vLLM's engine core does.
+        # What a swap leaves behind lives as long as it is served; freezing moves it out of
+        # the collector's reach, as vLLM's engine core does with its own start-up objects.
+        # (The records are columnar arrays now; when they were an EditRecord per edit, full
+        # collections walking them profiled as a 0.7x throughput at 100k edits.)
         gc.freeze()
 
     def set_enabled(self, row: int, enabled: bool) -> None:
         """Let edit row `row` match prompts again, or stop it from matching any."""
         self.router.router.enabled[row] = enabled
-        self.records[row].enabled = enabled
+        self.records.set_enabled(row, enabled)
 
     # --- the forward --------------------------------------------------------------------------
 
@@ -142,8 +144,8 @@ class MemoirDownProj(torch.nn.Module):
         self.step.run(out, x)
 
 
-def _prefix_sums_for_engine(local_dim: int, device: torch.device) -> tuple[PrefixSums | None, int]:
-    """Prefix sums when the engine may show a prompt to the layer in parts, else None; and the block size."""
+def _block_sums_for_engine(local_dim: int, device: torch.device) -> tuple[BlockSums | None, int]:
+    """Per-block input sums when the engine may show a prompt to the layer in parts, else None; and the block size."""
     from vllm.config import get_current_vllm_config
 
     config = get_current_vllm_config()
@@ -152,7 +154,7 @@ def _prefix_sums_for_engine(local_dim: int, device: torch.device) -> tuple[Prefi
     if not (cache.enable_prefix_caching or config.scheduler_config.enable_chunked_prefill):
         return None, block_size
     # The KV cache's block count is known once the engine has sized it (before any request).
-    return PrefixSums(block_size, local_dim, device, num_blocks=lambda: cache.num_gpu_blocks), block_size
+    return BlockSums(block_size, local_dim, device, num_blocks=lambda: cache.num_gpu_blocks), block_size
 
 
 def base_layer_weight_name(name: str, layer_index: int) -> str:

@@ -8,7 +8,7 @@ batch size), so the routing step reads no batch layout on the host.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import torch
@@ -23,11 +23,14 @@ class TokenLayout:
     # Where each token's KV goes and each row's KV blocks (for prompts seen in parts).
     slot_mapping: torch.Tensor | None = None
     block_table: torch.Tensor | None = None
+    _tokens: tuple[int, "TokenIndex"] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
         # Tests build layouts from lists.
-        self.query_start = torch.as_tensor(self.query_start)
-        self.seq_lens = torch.as_tensor(self.seq_lens)
+        if not isinstance(self.query_start, torch.Tensor):
+            self.query_start = torch.as_tensor(self.query_start)
+        if not isinstance(self.seq_lens, torch.Tensor):
+            self.seq_lens = torch.as_tensor(self.seq_lens)
 
     @property
     def num_rows(self) -> int:
@@ -45,7 +48,10 @@ class TokenLayout:
         return self.seq_lens.long() - self.row_tokens
 
     def tokens_of(self, num_tokens: int) -> "TokenIndex":
-        return TokenIndex.of(self, num_tokens)
+        """The per-token index of a forward of `num_tokens` (made once per layout)."""
+        if self._tokens is None or self._tokens[0] != num_tokens:
+            self._tokens = (num_tokens, TokenIndex.of(self, num_tokens))
+        return self._tokens[1]
 
     # --- host views, for the paths that stay on the host (routing spans, debug logs) ------
 

@@ -1,6 +1,6 @@
 """Partial KV-block sums, for route features over part of the prompt (a routing span).
 
-BlockFeatureSums keeps each KV block's whole sum of the edited layer's down_proj input:
+BlockSums keeps each KV block's whole sum of the edited layer's down_proj input:
 enough for a feature over the whole prompt. A routing span (the last user message) starts and
 ends anywhere inside a block, so where its earlier tokens reached the layer before this
 forward (an earlier chunk of the same request, or blocks the prefix cache handed over from
@@ -23,7 +23,7 @@ block computed while another span rule was served, or whose markers were generat
 of the request that computed it, does not match, and the caller gets an approximate sum
 (the whole block) flagged as such.
 
-Costs two more [num_blocks, D_local] float32 buffers, beside BlockFeatureSums' one, and
+Costs two more [num_blocks, D_local] float32 buffers, beside BlockSums' one, and
 host-side work only for rows whose tokens share a block with a span boundary.
 """
 
@@ -32,7 +32,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from vllm_memoir.routing.block_sums import BlockFeatureSums
+from vllm_memoir.routing.block_sums import BlockSums
 from vllm_memoir.core.route_span import SpanBoundaries
 
 NONE = -1
@@ -142,7 +142,7 @@ class SpanBlockSums:
 
     # --- reading (at a routing decision, before this forward is recorded) ------------------------
 
-    def span_sum(self, block_sums: BlockFeatureSums, block_table_row: torch.Tensor, lo: int, hi: int,
+    def span_sum(self, block_sums: BlockSums, block_table_row: torch.Tensor, lo: int, hi: int,
                  first: int) -> tuple[torch.Tensor, bool]:
         """Summed inputs over positions [lo, hi) of one request, all before `first` (its first
         position in this forward); and whether the sum is exact.

@@ -10,12 +10,14 @@ tensor-parallel all-reduce, in three parts:
    writes the route into the request buffers, for the host to read after the forward
    (requests.settle). Routing on a span of the prompt (the last user message) reads the
    layout on the host: a prefill-decision step only.
-2. **Record** the sums later forwards and requests sharing this one's KV blocks need
-   (prefix_sums; span_sums for span routing), when the engine may split prompts.
-3. **Add** `W_m (m_t * x_t)` to every token, `m_t` the mask of its row's edit: one formula
+2. **Record** each KV block's input sum, which later forwards and requests sharing the
+   block need (block_sums; span_sums for span routing), when the engine may split prompts.
+3. **Add** `W_m (m_t * x_t)` to the tokens, `m_t` the mask of its row's edit: one formula
    for prefill and decode, all-zero masks for rows without an edit, so unrouted tokens keep
-   the base output bit for bit. Decode steps are a pure tensor function of the buffers
-   (`routed_residual`, tested with torch.compile(fullgraph=True)).
+   the base output bit for bit. Where the routed tokens are known without reading the
+   device (the host's view in a decode step; any forward on the CPU) only they are computed.
+   Decode steps are a pure tensor function of the buffers (`decode_step`, tested with
+   torch.compile(fullgraph=True)).
 
 The host only chooses what to run from what it knows before the forward (pending rows, any
 routed row, whether sums are kept), and skips the step when there is nothing to do.
@@ -35,10 +37,9 @@ from vllm_memoir import metrics
 from vllm_memoir.core import NO_ROUTE, dense_masked_residual
 from vllm_memoir.core.routing import RouteDecision
 from vllm_memoir.routing import requests
-from vllm_memoir.routing.block_sums import BlockFeatureSums
+from vllm_memoir.routing.block_sums import BlockSums
 from vllm_memoir.routing.decisions import ShardedPromptRouter
 from vllm_memoir.routing.layout import HostLayout, TokenIndex, TokenLayout, current_layout
-from vllm_memoir.routing.prefix_sums import PrefixSums, running_sums
 from vllm_memoir.routing.requests import PENDING, PendingReport, RequestRoutes
 from vllm_memoir.routing.span_sums import SpanBlockSums
 
@@ -58,50 +59,59 @@ class ServedEdits(Protocol):
 logger = logging.getLogger(__name__)
 
 
-def add_residual(out: torch.Tensor, x: torch.Tensor, memory: torch.Tensor, router: ShardedPromptRouter,
-                 slot_route: torch.Tensor, row_slots: torch.Tensor, tokens: TokenIndex,
-                 routed_rows: torch.Tensor | None = None) -> None:
-    """Add each token's residual: its row's edit mask (zero without one) on its input.
+def token_routes(slot_route: torch.Tensor, row_slots: torch.Tensor, tokens: TokenIndex) -> torch.Tensor:
+    """[T] each token's edit row: its row's route (negative: none; padding tokens: none)."""
+    row_route = slot_route.index_select(0, row_slots[: tokens.num_rows])
+    if tokens.decode_only:
+        return row_route
+    return torch.where(tokens.valid, row_route.index_select(0, tokens.row), NO_ROUTE)
 
-    routed_rows: in a decode-only forward run eagerly, the rows the host knows to be routed
-    (their count is data, so never under capture): the residual is then computed for those
-    rows only, by the same formula; the other rows' residual is zero either way.
-    """
-    if routed_rows is not None and tokens.decode_only:
-        masks = router.row_masks(slot_route.index_select(0, row_slots.index_select(0, routed_rows)), x.dtype)
-        out.index_add_(0, routed_rows, dense_masked_residual(x.index_select(0, routed_rows), memory, masks))
-        return
-    masks = router.row_masks(slot_route.index_select(0, row_slots[: tokens.num_rows]), x.dtype)
-    if not tokens.decode_only:
-        masks = masks.index_select(0, tokens.row) * tokens.valid.unsqueeze(1).to(x.dtype)
-    out += dense_masked_residual(x, memory, masks)
+
+def add_residual(out: torch.Tensor, x: torch.Tensor, memory: torch.Tensor, router: ShardedPromptRouter,
+                 routes: torch.Tensor) -> None:
+    """Add each token's residual W_m (m_t * x_t), m_t the mask of its edit `routes[t]` (all
+    zero without one, so such tokens keep the base output). Every token: fixed shapes."""
+    out += dense_masked_residual(x, memory, router.row_masks(routes, x.dtype))
+
+
+def add_picked_residual(out: torch.Tensor, x: torch.Tensor, memory: torch.Tensor, router: ShardedPromptRouter,
+                        picked: torch.Tensor, picked_routes: torch.Tensor) -> None:
+    """add_residual's formula on the tokens `picked` only, each with an edit `picked_routes`:
+    the other tokens' residual is zero. For forwards where the routed tokens are known
+    without waiting on the device (the host's view in a decode step; any forward on the CPU)."""
+    masks = router.row_masks(picked_routes, x.dtype, all_routed=True)
+    out.index_add_(0, picked, dense_masked_residual(x.index_select(0, picked), memory, masks))
 
 
 def decode_step(out: torch.Tensor, x: torch.Tensor, layout: TokenLayout, slot_route: torch.Tensor,
                 row_slots: torch.Tensor, router: ShardedPromptRouter, memory: torch.Tensor,
-                prefix_sums: PrefixSums | None, routed_rows: torch.Tensor | None = None) -> None:
-    """A forward with no prompt to decide (whole-prompt routing): keep the running sums, add the
-    residual (add_residual). Fixed-shape tensor operations on persistent buffers only, so it can
-    be captured (without routed_rows)."""
+                block_sums: BlockSums | None, routed_rows: torch.Tensor | None = None) -> None:
+    """A forward with no prompt to decide (whole-prompt routing): record the block sums, add
+    the residual. Fixed-shape tensor operations on persistent buffers only, so it can be
+    captured (without routed_rows: the rows the host knows to be routed, run eagerly)."""
     tokens = layout.tokens_of(x.shape[0])
-    if prefix_sums is not None:
-        prefix_sums.update(x, layout, tokens)
-    add_residual(out, x, memory, router, slot_route, row_slots, tokens, routed_rows)
+    if block_sums is not None:
+        block_sums.record(x, layout, tokens)
+    if routed_rows is None:
+        add_residual(out, x, memory, router, token_routes(slot_route, row_slots, tokens))
+    elif routed_rows.numel():  # numel: a host-made index, no device read
+        routes = slot_route.index_select(0, row_slots.index_select(0, routed_rows))
+        add_picked_residual(out, x, memory, router, routed_rows, routes)
 
 
-def _capturing() -> bool:
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+def _capturing(x: torch.Tensor) -> bool:
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 class RoutingStep:
     """The edited layer's per-forward routing; the served edits are the layer's."""
 
-    def __init__(self, layer: ServedEdits, prefix_sums: PrefixSums | None, block_size: int | None):
+    def __init__(self, layer: ServedEdits, block_sums: BlockSums | None, block_size: int | None):
         self.layer = layer
-        self.prefix_sums = prefix_sums  # None: the engine never splits prompts
+        self.block_sums = block_sums  # None: the engine never splits prompts
         self.block_size = block_size
-        # Span routing's per-block sums (host-side offsets), made when such an artifact is served.
-        self.block_sums: BlockFeatureSums | None = None
+        # Span routing's partial sums at span boundaries (host-side offsets), made when such an
+        # artifact is served.
         self.span_sums: SpanBlockSums | None = None
         self._block_layout_checked = False
         # Routing decisions of new requests since start-up, by edit id (counted on rank 0).
@@ -109,11 +119,9 @@ class RoutingStep:
         self.unrouted_count = 0
 
     def serve_span_rule(self, whole_prompt: bool) -> None:
-        if whole_prompt or self.prefix_sums is None or self.span_sums is not None:
+        if whole_prompt or self.block_sums is None or self.span_sums is not None:
             return
-        local, device = self.layer.local_dim, self.layer.device
-        self.block_sums = BlockFeatureSums(self.block_size, local, device)
-        self.span_sums = SpanBlockSums(self.block_size, local, device)
+        self.span_sums = SpanBlockSums(self.block_size, self.layer.local_dim, self.layer.device)
 
     # --- the op -------------------------------------------------------------------------------
 
@@ -127,10 +135,9 @@ class RoutingStep:
         started = time.perf_counter()
         routes.publish_if_changed()
         host_routes = routes.host_row_routes().numpy()  # the host's view, before this forward: no device read
-        pending = torch.from_numpy(np.flatnonzero(host_routes == PENDING))
-        any_routed = bool((host_routes >= 0).any())
-        splitting = self.prefix_sums is not None
-        if not (pending.numel() or any_routed or splitting):
+        pending = np.flatnonzero(host_routes == PENDING)
+        routed = np.flatnonzero(host_routes >= 0)
+        if not (pending.size or routed.size or self.block_sums is not None):
             return  # decode steps of unrouted requests with whole prompts: nothing to do
         layout = current_layout()
         if layout is None:
@@ -138,22 +145,33 @@ class RoutingStep:
         if layout.num_rows < routes.num_rows:
             raise RuntimeError(f"MEMOIR: the forward holds {layout.num_rows} requests but the tracker has "
                                f"{routes.num_rows}")
-        if splitting and not self._block_layout_checked:
+        if self.block_sums is not None and not self._block_layout_checked:
             self._check_block_layout(layout)
-        if routes.route_span.whole_prompt and not pending.numel() and any_routed:
-            routed_rows = None if _capturing() else torch.from_numpy(np.flatnonzero(host_routes >= 0)).to(x.device)
-            decode_step(out, x, layout, routes.slot_route_dev, routes.row_slots_dev, self.layer.router,
-                        self.layer.memory, self.prefix_sums, routed_rows)
-            self._finish(routes, layout, started)
-            return
+        if not pending.size:
+            picked = None if _capturing(x) else torch.from_numpy(routed).to(x.device, non_blocking=True)
+            if routes.route_span.whole_prompt and layout.tokens_of(x.shape[0]).decode_only:
+                decode_step(out, x, layout, routes.slot_route_dev, routes.row_slots_dev, self.layer.router,
+                            self.layer.memory, self.block_sums, picked)
+                self._finish(routes, layout, started)
+                return
         tokens = layout.tokens_of(x.shape[0])
-        if routes.route_span.whole_prompt:
-            self._whole_prompt_step(x, layout, tokens, routes, pending)
-        else:
-            self._span_step(x, layout, routes, pending.tolist())
-        if pending.numel() or any_routed:
-            add_residual(out, x, self.layer.memory, self.layer.router, routes.slot_route_dev, routes.row_slots_dev,
-                         tokens)
+        if pending.size and routes.route_span.whole_prompt:
+            self._decide(x, layout, tokens, routes, torch.from_numpy(pending))
+        elif pending.size:
+            self._decide_spans(x, layout.host, layout, routes, pending.tolist())
+        if self.block_sums is not None:
+            self.block_sums.record(x, layout, tokens)  # after the decisions, which read the sums before it
+            if self.span_sums is not None:
+                self._record_span_sums(x, layout.host, layout, routes)
+        if pending.size or routed.size:
+            token_route = token_routes(routes.slot_route_dev, routes.row_slots_dev, tokens)
+            if x.device.type == "cpu":  # finding the routed tokens waits on nothing here
+                picked = torch.nonzero(token_route >= 0).flatten()
+                if picked.numel():
+                        add_picked_residual(out, x, self.layer.memory, self.layer.router, picked,
+                                        token_route.index_select(0, picked))
+            else:  # on a GPU that would read the device's decisions back
+                add_residual(out, x, self.layer.memory, self.layer.router, token_route)
         self._finish(routes, layout, started)
 
     def _finish(self, routes: RequestRoutes, layout: TokenLayout, started: float) -> None:
@@ -165,16 +183,7 @@ class RoutingStep:
 
     # --- whole-prompt routing: on the device ----------------------------------------------------
 
-    def _whole_prompt_step(self, x: torch.Tensor, layout: TokenLayout, tokens: TokenIndex, routes: RequestRoutes,
-                           pending: torch.Tensor) -> None:
-        if self.prefix_sums is not None:
-            running = self.prefix_sums.update(x, layout, tokens)
-        elif pending.numel():
-            running = running_sums(x, layout, tokens)  # whole prompts in every forward: nothing earlier
-        if pending.numel():
-            self._decide(x, layout, running, routes, pending)
-
-    def _decide(self, x: torch.Tensor, layout: TokenLayout, running: torch.Tensor, routes: RequestRoutes,
+    def _decide(self, x: torch.Tensor, layout: TokenLayout, tokens: TokenIndex, routes: RequestRoutes,
                 pending: torch.Tensor) -> None:
         """Route the pending rows whose last prompt token is in this forward, on the device."""
         device = x.device
@@ -186,26 +195,35 @@ class RoutingStep:
         deciding = (prompt_len > 0) & (last_offset >= 0) & (last_offset < layout.row_tokens.index_select(0, rows))
         last_token = (layout.query_start.long().index_select(0, rows) + last_offset.clamp(min=0))
         last_token = last_token.clamp(max=x.shape[0] - 1)
-        features = self.layer.router.features_from_sums(running.index_select(0, last_token),
-                                                        x.index_select(0, last_token), prompt_len)
+        sums = self._prompt_sums(x, layout, tokens, routes, rows, first)
+        features = self.layer.router.features_from_sums(sums, x.index_select(0, last_token), prompt_len)
         route, best, overlap = self.layer.router.decide_tensors(features)
         route = route.to(device)
         # A forward that starts after the prompt's end: a resumed request whose decision left the cache.
         lost = (prompt_len > 0) & (last_offset < 0)
-        partial = deciding & (first > 0) if self.prefix_sums is None else torch.zeros_like(deciding)
+        partial = deciding & (first > 0) if self.block_sums is None else torch.zeros_like(deciding)
         pending_value = torch.full_like(route, PENDING)
         new_route = torch.where(deciding, route, torch.where(lost, torch.full_like(route, NO_ROUTE), pending_value))
         routes.slot_route_dev.index_copy_(0, slots, new_route)
         routes.defer(PendingReport(routes.slots_of_rows(pending), deciding, route, best, overlap, lost, partial, first))
 
-    # --- span routing (the last user message): on the host, at prefill-decision steps ------------
-
-    def _span_step(self, x: torch.Tensor, layout: TokenLayout, routes: RequestRoutes, pending: list[int]) -> None:
-        host = layout.host
-        if pending:
-            self._decide_spans(x, host, layout, routes, pending)
+    def _prompt_sums(self, x: torch.Tensor, layout: TokenLayout, tokens: TokenIndex, routes: RequestRoutes,
+                     rows: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
+        """[P, D] float32: each of `rows`' summed input over its prompt positions up to this
+        forward's last: this forward's prompt tokens (not the generated tokens a recomputed
+        request carries), plus the blocks its earlier positions went to."""
+        num_rows = tokens.num_rows
+        token_prompt_len = routes.slot_prompt_len_dev.index_select(
+            0, routes.row_slots_dev.index_select(0, tokens.row))
+        in_prompt = tokens.valid & (tokens.position < token_prompt_len)
+        target = torch.where(in_prompt, tokens.row, num_rows)  # row num_rows: the rest
+        here = torch.zeros(num_rows + 1, x.shape[1], dtype=torch.float32, device=x.device)
+        sums = here.index_add_(0, target, x.float()).index_select(0, rows)
         if self.block_sums is not None:
-            self._record_span_sums(x, host, layout, routes)
+            sums += self.block_sums.sum_before(layout, rows, first)
+        return sums
+
+    # --- span routing (the last user message): on the host, at prefill-decision steps ------------
 
     def _decide_spans(self, x: torch.Tensor, host: HostLayout, layout: TokenLayout, routes: RequestRoutes,
                       pending: list[int]) -> None:
@@ -267,7 +285,6 @@ class RoutingStep:
     def _record_span_sums(self, x: torch.Tensor, host: HostLayout, layout: TokenLayout,
                           routes: RequestRoutes) -> None:
         num_tokens = host.query_start[-1]
-        self.block_sums.record(x[:num_tokens], layout.slot_mapping[:num_tokens])
         rows = []
         for row in range(len(host.seq_lens)):
             start, end = host.tokens(row)
