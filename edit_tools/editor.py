@@ -38,7 +38,7 @@ from vllm_memoir.core import (
     read_manifest,
     save_artifact,
 )
-from vllm_memoir.core.artifact import MANIFEST_NAME
+from vllm_memoir.core.artifact import MANIFEST_NAME, EditRecords
 
 from .background import compute_background_mean, load_background
 from .datasets import EditRequest, load_edit_dataset, warn_if_mostly_unknown
@@ -300,7 +300,8 @@ def _run_checked_job(model_dir, data_name: str, requests: list[EditRequest], hp:
     background = None if artifact.background_mean is None else artifact.background_mean.to(hf.device)
     permutation = artifact.permutation
     masks = [artifact.masks]
-    next_id = max((e.edit_id for e in artifact.edits), default=-1) + 1
+    # From the id column (no record parsed: a loaded artifact's edits are an EditRecords).
+    next_id = int(EditRecords.of(artifact.edits).edit_ids.max(initial=-1)) + 1
     earlier_keys = None
     if hp.update_projection != "none":
         earlier_keys = load_update_keys(out_dir, job, len(artifact.edits), artifact.manifest.intermediate_size)
