@@ -47,7 +47,7 @@ from synthetic_artifact import random_masks  # noqa: E402
 
 from vllm_memoir.core import ArtifactManifest, EditRecord, MemoirArtifact, load_artifact, save_artifact  # noqa: E402
 from vllm_memoir.core import artifact as artifact_module  # noqa: E402
-from vllm_memoir.core.artifact import EditRecords  # noqa: E402
+from vllm_memoir.core.edit_records import EditRecords  # noqa: E402
 from vllm_memoir.core.routing import EditRouter  # noqa: E402
 
 # name: (hidden_size, intermediate_size, top_k)

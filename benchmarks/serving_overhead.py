@@ -95,7 +95,7 @@ def fresh_variant(workload: Workload, round_index: int, vocabulary: list[str], w
 def shared_prefix_variant(workload: Workload, prefix: str) -> Workload:
     """The workload with one prefix (a system-prompt-like run of words) before every prompt: with
     prefix caching on, requests after the first reuse its KV blocks, and the plugin completes
-    their route features from its per-block running sums."""
+    their route features from its per-block input sums."""
     return Workload([f"{prefix} {prompt}" for prompt in workload.prompts], workload.kinds, workload.max_tokens,
                     workload.concurrency)
 

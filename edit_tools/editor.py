@@ -38,7 +38,8 @@ from vllm_memoir.core import (
     read_manifest,
     save_artifact,
 )
-from vllm_memoir.core.artifact import MANIFEST_NAME, EditRecords
+from vllm_memoir.core.artifact import MANIFEST_NAME
+from vllm_memoir.core.edit_records import EditRecords
 
 from .background import compute_background_mean, load_background
 from .datasets import EditRequest, load_edit_dataset, warn_if_mostly_unknown

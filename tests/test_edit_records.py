@@ -18,7 +18,7 @@ from helpers import make_artifact
 
 from vllm_memoir.core import ArtifactError, EditRecord, load_artifact, save_artifact
 from vllm_memoir.core import artifact as artifact_module
-from vllm_memoir.core.artifact import EditRecords, edit_records_from_jsonl
+from vllm_memoir.core.edit_records import EditRecords, edit_records_from_jsonl
 
 LARGE = 200_000
 

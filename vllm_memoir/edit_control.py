@@ -25,7 +25,8 @@ from typing import Any
 import numpy as np
 
 from vllm_memoir.core import ArtifactError, load_artifact, read_manifest, save_artifact
-from vllm_memoir.core.artifact import EditRecords, shown_path, unfinished_job
+from vllm_memoir.core.artifact import shown_path, unfinished_job
+from vllm_memoir.core.edit_records import EditRecords
 from vllm_memoir.validation import artifact_sha256
 
 logger = logging.getLogger(__name__)

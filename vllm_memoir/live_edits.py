@@ -21,7 +21,7 @@ import torch
 
 from vllm_memoir.routing import requests as request_routes
 from vllm_memoir.core import NO_ROUTE
-from vllm_memoir.core.artifact import EditRecords
+from vllm_memoir.core.edit_records import EditRecords
 from vllm_memoir.routing.layer import MemoirDownProj, StagedEdits
 from vllm_memoir.validation import MemoirConfigError, artifact_sha256
 

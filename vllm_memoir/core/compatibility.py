@@ -13,7 +13,8 @@ from typing import Any
 
 import torch
 
-from .artifact import ArtifactError, ArtifactManifest
+from .artifact import ArtifactManifest
+from .errors import ArtifactError
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 DOWN_PROJ_PATH = re.compile(r"^(?:model\.)?layers\.(?P<layer>\d+)\.mlp\.down_proj$")

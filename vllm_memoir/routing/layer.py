@@ -22,7 +22,7 @@ from vllm.distributed import get_tp_group, tensor_model_parallel_all_reduce
 from vllm.model_executor.layers.linear import RowParallelLinear
 
 from vllm_memoir.core import ArtifactManifest, MemoirArtifact
-from vllm_memoir.core.artifact import EditIdsByRow, EditRecords, EditRowsById
+from vllm_memoir.core.edit_records import EditIdsByRow, EditRecords, EditRowsById
 from vllm_memoir.routing import op, requests
 from vllm_memoir.routing.decisions import MaskTables, ShardedPromptRouter
 from vllm_memoir.routing.block_sums import BlockSums
