@@ -13,7 +13,8 @@ Reported per server: output tokens/s, time to first token (TTFT) p50/p99 and int
 latency (ITL) p50/p99, and the plugin/plain ratio. The machine is noisy (2 shared cores), so
 each server is warmed up, then plain and plugin rounds alternate (ABAB...) and medians over
 the rounds are reported. At most two servers run at a time (plain stays up per model; one
-plugin server per artifact).
+plugin server per artifact), and the one not measuring is stopped (SIGSTOP) during the other's
+round, since vLLM's CPU workers of both bind to the same core.
 
     python benchmarks/serving_overhead.py                  # facts model + a 1024-hidden Llama
     python benchmarks/serving_overhead.py --models facts --rounds 3 --artifacts real,1000
@@ -26,11 +27,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import platform
 import random
+import signal
 import statistics
 import subprocess
 import sys
@@ -293,6 +296,28 @@ class Scenario:
         return out
 
 
+def signal_server(server: VllmServer, signum: int) -> None:
+    """Signal the server's whole process group (API server, engine core, worker: it was started
+    in a session of its own)."""
+    if server.process is not None and server.process.poll() is None:
+        os.killpg(server.process.pid, signum)
+
+
+@contextlib.contextmanager
+def others_paused(active: VllmServer, servers: tuple[VllmServer, ...]):
+    """Stop (SIGSTOP) every server but `active` while it runs a round: vLLM's CPU workers of both
+    servers bind to the same core here, and an idle server's threads still took time from the
+    measured one (rounds of one server swung 3-6x with both running)."""
+    idle = [server for server in servers if server is not active]
+    for server in idle:
+        signal_server(server, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for server in idle:
+            signal_server(server, signal.SIGCONT)
+
+
 def compare(plain: VllmServer, plugin: VllmServer, workload: Workload, warmup: Workload, rounds: int,
             scenario: Scenario, profile_dir: Path | None, vocabulary: list[str] | None = None,
             prefix: str | None = None) -> None:
@@ -300,16 +325,21 @@ def compare(plain: VllmServer, plugin: VllmServer, workload: Workload, warmup: W
     `prefix`, every prompt starts with it (see shared_prefix_variant)."""
     for server in (plain, plugin):
         run_round(server, warmup)
-    for i in range(rounds):
-        this_round = workload if vocabulary is None else fresh_variant(workload, i, vocabulary)
-        if prefix:
-            this_round = shared_prefix_variant(this_round, prefix)
-        # Alternate which goes first so neither always follows the other's cache state.
-        order = [(plain, scenario.plain_rounds), (plugin, scenario.plugin_rounds)]
-        for server, sink in (order if i % 2 == 0 else order[::-1]):
-            sink.append(run_round(server, this_round, plugin=server is plugin))
-        logger.info("%s/%s round %d: plain %.0f tok/s, plugin %.0f tok/s", scenario.model, scenario.artifact, i + 1,
-                    scenario.plain_rounds[-1]["tokens_per_s"], scenario.plugin_rounds[-1]["tokens_per_s"])
+    try:
+        for i in range(rounds):
+            this_round = workload if vocabulary is None else fresh_variant(workload, i, vocabulary)
+            if prefix:
+                this_round = shared_prefix_variant(this_round, prefix)
+            # Alternate which goes first so neither always follows the other's cache state.
+            order = [(plain, scenario.plain_rounds), (plugin, scenario.plugin_rounds)]
+            for server, sink in (order if i % 2 == 0 else order[::-1]):
+                with others_paused(server, (plain, plugin)):
+                    sink.append(run_round(server, this_round, plugin=server is plugin))
+            logger.info("%s/%s round %d: plain %.0f tok/s, plugin %.0f tok/s", scenario.model, scenario.artifact,
+                        i + 1, scenario.plain_rounds[-1]["tokens_per_s"], scenario.plugin_rounds[-1]["tokens_per_s"])
+    finally:
+        for server in (plain, plugin):
+            signal_server(server, signal.SIGCONT)
     from vllm_memoir.server_process import metric_value
 
     text = plugin.metrics()
