@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import pickle
 from types import SimpleNamespace
 
 import numpy as np
@@ -145,7 +144,7 @@ def served_layer(count: int):
 
 
 def test_a_page_through_the_worker_path_parses_only_its_rows():
-    """EditControl.state -> collective_rpc (answers pickled, as between processes) -> the worker
+    """EditControl.state -> collective_rpc (answers serialized, as between processes) -> the worker
     extension's memoir_state -> LiveEdits.state -> the layer's records: a page of 100 out of
     200,000 parses 100 rows, counts no flags, and its answer does not grow with the records."""
     from vllm_memoir.edit_control import EditControl
@@ -160,9 +159,10 @@ def test_a_page_through_the_worker_path_parses_only_its_rows():
 
     class Engine:
         async def collective_rpc(self, method, args=()):
-            answer = pickle.dumps(getattr(worker, method)(*args))
+            # JSON here, never pickle: the answer must be plain data, and its size is what crosses.
+            answer = json.dumps(getattr(worker, method)(*args)).encode()
             sizes.append(len(answer))
-            return [pickle.loads(answer)]
+            return [json.loads(answer)]
 
     CountingRecords.parsed = 0
     page = asyncio.run(EditControl(Engine()).state(LARGE // 2, 100))
