@@ -38,7 +38,7 @@ from vllm_memoir.core import (
     read_manifest,
     save_artifact,
 )
-from vllm_memoir.core.artifact import MANIFEST_NAME
+from vllm_memoir.core.artifact import MANIFEST_NAME, write_atomic
 from vllm_memoir.core.edit_records import EditRecords
 
 from .background import compute_background_mean, load_background
@@ -211,15 +211,11 @@ def _update_keys_name(num_edits: int) -> str:
 def save_update_keys(keys: EarlierKeys, out_dir: Path, num_edits: int) -> str:
     """Write the keys' covariance for an artifact of num_edits edits (atomically); returns its file name."""
     name = _update_keys_name(num_edits)
-    tmp = out_dir / f".{name}.tmp"
     tensors = {"covariance": keys.covariance.contiguous()}
-    try:
-        save_file(tensors, str(tmp), metadata={"num_edits": str(num_edits), "num_keys": str(keys.count)})
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())  # on disk before the manifest that names it
-        os.replace(tmp, out_dir / name)
+    metadata = {"num_edits": str(num_edits), "num_keys": str(keys.count)}
+    try:  # on disk (fsynced) before the manifest that names it, as the artifact's own files
+        write_atomic(out_dir / name, lambda path: save_file(tensors, str(path), metadata=metadata))
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise EditJobError(f"{out_dir / name}: writing the update keys failed ({exc.strerror or exc}); the previous "
                            "checkpoint is intact; free the space and run the same command again to resume") from exc
     return name

@@ -275,7 +275,7 @@ def _create_temporary(path: Path) -> Path:
             continue
 
 
-def _write_atomic(path: Path, write) -> None:
+def write_atomic(path: Path, write) -> None:
     """Write via a temporary file in the same directory, fsync, then rename into place."""
     tmp = _create_temporary(path)
     mode = tmp.stat().st_mode
@@ -337,15 +337,15 @@ def save_artifact(artifact: MemoirArtifact, directory: str | os.PathLike) -> Pat
         tensors["background_mean"] = artifact.background_mean.detach().to("cpu", torch.float32).contiguous()
     saved = (manifest.version, manifest.num_edits, manifest.files)
     try:
-        _write_atomic(out / tensors_name, lambda p: save_file(tensors, str(p)))
+        write_atomic(out / tensors_name, lambda p: save_file(tensors, str(p)))
         lines = edit_lines(artifact.edits)
-        _write_atomic(out / edits_name, lambda p: p.write_bytes(lines))
+        write_atomic(out / edits_name, lambda p: p.write_bytes(lines))
 
         manifest.version = version
         manifest.num_edits = len(artifact.edits)
         manifest.files = {tensors_name: _sha256(out / tensors_name), edits_name: _sha256(out / edits_name)}
         text = json.dumps(dataclasses.asdict(manifest), indent=2, sort_keys=True)
-        _write_atomic(out / MANIFEST_NAME, lambda p: p.write_text(text))
+        write_atomic(out / MANIFEST_NAME, lambda p: p.write_text(text))
     except BaseException:
         # The old manifest still names the old files: drop this version's (they would only
         # fill a disk that is likely full already) and leave the in-memory manifest as it was.

@@ -274,16 +274,24 @@ def _block_counts_torch(q: torch.Tensor, s: torch.Tensor, chunk_rows: int):
             block = s[start:start + chunk_rows]
             yield start, popcount64(q.unsqueeze(1) & block.unsqueeze(0)).sum(-1)
         return
-    query_bits = _unpack_float(q).t()
+    query_bits = unpack_as(q.view(torch.uint8), torch.float32).t()
     for start in range(0, s.shape[0], chunk_rows):
-        yield start, (_unpack_float(s[start:start + chunk_rows]) @ query_bits).t()
+        yield start, (unpack_as(s[start:start + chunk_rows].view(torch.uint8), torch.float32) @ query_bits).t()
 
 
-def _unpack_float(words: torch.Tensor) -> torch.Tensor:
-    """[N, W] int64 packed masks -> [N, 64 W] float32 0/1, in pack_indices' bit order."""
-    packed = words.view(torch.uint8)
-    shifts = torch.arange(8, device=packed.device, dtype=torch.uint8)
-    return ((packed.unsqueeze(-1) >> shifts) & 1).reshape(packed.shape[0], -1).float()
+_BYTE_BITS: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def unpack_as(packed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[N, W] uint8 packed masks -> [N, 8 W] 0/1 of `dtype`, in pack_indices' bit order: one
+    lookup per byte in a [256, 8] table of each byte value's bits (made once per device and
+    dtype), where shifting and masking every bit costs several operations."""
+    key = (packed.device, dtype)
+    if key not in _BYTE_BITS:
+        values = torch.arange(256, device=packed.device).unsqueeze(1)
+        _BYTE_BITS[key] = ((values >> torch.arange(8, device=packed.device)) & 1).to(dtype)
+    bits = _BYTE_BITS[key].index_select(0, packed.reshape(-1).long())
+    return bits.view(packed.shape[0], packed.shape[1] * 8)
 
 
 def match_routes(

@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 
 from vllm_memoir.core import MemoirArtifact, aggregate_prompt_feature, finish_feature
+from vllm_memoir.core.tophash import unpack_as
 from vllm_memoir.core.routing import EditRouter, RouteDecision
 
 AllGather = Callable[[torch.Tensor], torch.Tensor]  # concatenates ranks' tensors along the last dim
@@ -36,9 +37,6 @@ class ShardedPromptRouter:
         bg = self.router.background_mean
         self.local_background = None if bg is None else bg[self.offset:self.offset + self.local_dim]
         self.all_gather = all_gather
-        values = torch.arange(256, device=device).unsqueeze(1)
-        self._bits_of_bytes = (values >> torch.arange(8, device=device)) & 1
-        self._byte_bits_by_dtype: dict[torch.dtype, torch.Tensor] = {}
         self._byte_aligned = self.offset % 8 == 0 and self.local_dim % 8 == 0
 
     def prompt_feature(self, x_prompt: torch.Tensor) -> torch.Tensor:
@@ -82,16 +80,9 @@ class ShardedPromptRouter:
         packed = self.router.masks.index_select(0, routes if all_routed else routes.clamp(min=0))  # [R, W] uint8
         if self._byte_aligned:
             packed = packed[:, self.offset // 8:(self.offset + self.local_dim) // 8]
-        # One table lookup per packed byte (its 8 columns as 0/1), bit j of byte b being column 8b + j.
-        bits = self._byte_bits(dtype).index_select(0, packed.reshape(-1).long()).view(packed.shape[0], packed.shape[1] * 8)
+        bits = unpack_as(packed, dtype)
         local = bits if self._byte_aligned else bits[:, self.offset:self.offset + self.local_dim]
         return local if all_routed else local * (routes >= 0).unsqueeze(1).to(dtype)
-
-    def _byte_bits(self, dtype: torch.dtype) -> torch.Tensor:
-        """[256, 8] the bits of each byte value, as `dtype` 0/1 (made once per dtype)."""
-        if dtype not in self._byte_bits_by_dtype:
-            self._byte_bits_by_dtype[dtype] = self._bits_of_bytes.to(dtype)
-        return self._byte_bits_by_dtype[dtype]
 
     def _global_features(self, local: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:

@@ -44,7 +44,6 @@ from vllm_memoir.routing.requests import PENDING, PendingReport, RequestRoutes
 from vllm_memoir.routing.span_sums import SpanBlockSums
 
 
-
 class ServedEdits(Protocol):
     """What the routing step reads of the edited layer (routing.layer.MemoirDownProj)."""
 
@@ -147,14 +146,13 @@ class RoutingStep:
                                f"{routes.num_rows}")
         if self.block_sums is not None and not self._block_layout_checked:
             self._check_block_layout(layout)
-        if not pending.size:
-            picked = None if _capturing(x) else torch.from_numpy(routed).to(x.device, non_blocking=True)
-            if routes.route_span.whole_prompt and layout.tokens_of(x.shape[0]).decode_only:
-                decode_step(out, x, layout, routes.slot_route_dev, routes.row_slots_dev, self.layer.router,
-                            self.layer.memory, self.block_sums, picked)
-                self._finish(routes, layout, started)
-                return
         tokens = layout.tokens_of(x.shape[0])
+        if not pending.size and routes.route_span.whole_prompt and tokens.decode_only:
+            picked = None if _capturing(x) else torch.from_numpy(routed).to(x.device, non_blocking=True)
+            decode_step(out, x, layout, routes.slot_route_dev, routes.row_slots_dev, self.layer.router,
+                        self.layer.memory, self.block_sums, picked)
+            self._finish(routes, layout, started)
+            return
         if pending.size and routes.route_span.whole_prompt:
             self._decide(x, layout, tokens, routes, torch.from_numpy(pending))
         elif pending.size:
@@ -168,7 +166,7 @@ class RoutingStep:
             if x.device.type == "cpu":  # finding the routed tokens waits on nothing here
                 picked = torch.nonzero(token_route >= 0).flatten()
                 if picked.numel():
-                        add_picked_residual(out, x, self.layer.memory, self.layer.router, picked,
+                    add_picked_residual(out, x, self.layer.memory, self.layer.router, picked,
                                         token_route.index_select(0, picked))
             else:  # on a GPU that would read the device's decisions back
                 add_residual(out, x, self.layer.memory, self.layer.router, token_route)
