@@ -13,6 +13,9 @@ The op's time is the layer's time minus the base down_proj's (median of `--repea
 one torch thread). Synthetic edits (random masks) of the facts model's width:
 
     python benchmarks/routing_step.py --json benchmarks/results/routing_step.json
+
+`--routing-span last_user_message` serves the span rule of chat artifacts instead: each prompt
+holds a user message (markers of made-up token ids), whose tails and heads are recorded too.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))  # the tests' synthetic artifact builder
 
 BLOCK = 16
+USER_START, MESSAGE_END = (90001, 90002), (90003,)  # marker ids for --routing-span
 
 
 def build_layer(hidden: int, dim: int, top_k: int, edits: int):
@@ -54,18 +58,21 @@ def build_layer(hidden: int, dim: int, top_k: int, edits: int):
 class Batch:
     """A RequestRoutes fed by hand and the layout the op reads, installed as the active ones."""
 
-    def __init__(self, rows: int, routed: int, prompt_tokens: int, dim: int):
+    def __init__(self, rows: int, routed: int, prompt_tokens: int, dim: int, span=None):
         from vllm_memoir.core.routing import RouteDecision
         from vllm_memoir.routing import requests, step
         from vllm_memoir.routing.layout import TokenLayout
         from vllm_memoir.routing.requests import RequestRoutes
 
-        self.routes = RequestRoutes()
+        self.routes = RequestRoutes(route_span=span)
         requests._ACTIVE = self.routes
         self.prompt_tokens = prompt_tokens
         self.last = rows - 1
         for row in range(rows):
-            self.routes.add(row, list(range(1, prompt_tokens)) + [row], is_new_request=True)  # prompt_tokens ids
+            ids = list(range(1, prompt_tokens)) + [row]  # prompt_tokens ids
+            if span is not None:  # a user message from mid-block 1 to mid-block 2
+                ids[BLOCK + 3:BLOCK + 5], ids[2 * BLOCK + 5] = USER_START, MESSAGE_END[0]
+            self.routes.add(row, ids, is_new_request=True)
         self.routes.set_batch(rows)
         for row in range(rows):
             self.routes.record(row, RouteDecision(row if row < routed else -1, 0, 0.9))
@@ -89,7 +96,9 @@ class Batch:
 
         self.routes.settle()
         self.routes.take_new_decisions()
-        self.routes._set(self.last, PENDING, self.prompt_tokens, None)
+        slot = self.last
+        self.routes._set(slot, PENDING, self.prompt_tokens, None, tuple(self.routes.slot_span[slot].tolist()),
+                         self.routes._boundaries[slot])
         self.routes.publish()
 
 
@@ -138,14 +147,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--routed", default="0,8,32", help="comma list: routed rows among them")
     parser.add_argument("--prompt-tokens", type=int, default=40)
     parser.add_argument("--repeats", type=int, default=300)
+    parser.add_argument("--routing-span", choices=["prompt", "last_user_message"], default="prompt")
     parser.add_argument("--label", default="")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     layer = build_layer(args.hidden, args.dim, args.top_k, args.edits)
+    span = None
+    if args.routing_span != "prompt":
+        from vllm_memoir.core.route_span import RouteSpan
+
+        span = RouteSpan(args.routing_span, USER_START, MESSAGE_END)
+        layer.step.serve_span_rule(whole_prompt=False)
     rows = []
     for routed in (int(r) for r in args.routed.split(",")):
-        batch = Batch(args.rows, routed, args.prompt_tokens, args.dim)
+        batch = Batch(args.rows, routed, args.prompt_tokens, args.dim, span)
         row = {"routed_rows": routed, **measure(layer, batch, args.repeats)}
         rows.append(row)
         print(f"{routed:3d} of {args.rows} rows routed: decode op {row['decode']['op_us']:6.0f} us "
@@ -154,7 +170,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         report = {"label": args.label, "command": "routing_step.py " + " ".join(argv or sys.argv[1:]),
                   "shape": {"hidden": args.hidden, "intermediate": args.dim, "top_k": args.top_k, "edits": args.edits,
-                            "rows": args.rows, "prompt_tokens": args.prompt_tokens, "block_size": BLOCK},
+                            "rows": args.rows, "prompt_tokens": args.prompt_tokens, "block_size": BLOCK,
+                            "routing_span": args.routing_span},
                   "torch_threads": 1, "results": rows}
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=1) + "\n")

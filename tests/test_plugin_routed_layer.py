@@ -200,9 +200,12 @@ def test_a_prompt_in_chunks_is_routed_when_its_last_token_arrives(layer, batch):
 def test_decode_step_is_a_pure_tensor_function_that_compiles_without_graph_breaks():
     """The decode step (no prompt to decide) reads only persistent buffers: torch.compile with
     fullgraph=True traces it whole, and it equals the eager step, including the block sums it
-    records. Unrouted rows keep the base output bit for bit; routed rows get their edit's residual."""
+    records (span routing's tails and heads too). Unrouted rows keep the base output bit for
+    bit; routed rows get their edit's residual."""
     from vllm_memoir.routing.decisions import ShardedPromptRouter
     from vllm_memoir.routing.block_sums import BlockSums
+    from vllm_memoir.routing.span_marks import SlotBlockMarks
+    from vllm_memoir.routing.span_sums import SpanBlockSums
     from vllm_memoir.routing.step import decode_step
 
     artifact, _ = synthetic_artifact(hidden=H, dim=D, top_k=8, aggregation="mean")
@@ -218,17 +221,26 @@ def test_decode_step_is_a_pure_tensor_function_that_compiles_without_graph_break
     x = torch.randn(6, D)
     base = torch.randn(6, H)
 
-    def step(out, x, sums):
-        decode_step(out, x, layout, slot_route, row_slots, router, memory, sums)
+    marks = SlotBlockMarks(capacity=7, num_blocks=3, block_size=4, device="cpu")
+    marks.device_table.random_(-1, 4, generator=torch.Generator().manual_seed(0))  # any offsets will do
+
+    def step(out, x, sums, spans):
+        decode_step(out, x, layout, slot_route, row_slots, router, memory, sums, span_sums=spans, block_marks=marks)
         return out
 
     eager_sums, compiled_sums = (BlockSums(4, D, "cpu", num_blocks=16) for _ in range(2))
     before = torch.randn(18, D)
     eager_sums.sums, compiled_sums.sums = before.clone(), before.clone()
-    eager = step(base.clone(), x, eager_sums)
-    compiled = torch.compile(step, fullgraph=True, backend="eager")(base.clone(), x, compiled_sums)
+    eager_spans, compiled_spans = SpanBlockSums(eager_sums), SpanBlockSums(compiled_sums)
+    for spans in (eager_spans, compiled_spans):
+        spans.record(torch.ones(4, D), layout, layout.tokens_of(4), marks.of_tokens(layout.tokens_of(4), row_slots))
+    eager = step(base.clone(), x, eager_sums, eager_spans)
+    compiled = torch.compile(step, fullgraph=True, backend="eager")(base.clone(), x, compiled_sums, compiled_spans)
     assert torch.allclose(compiled, eager, atol=1e-6)
     assert torch.allclose(compiled_sums.sums, eager_sums.sums)
+    for name in ("parts", "offsets"):
+        assert torch.equal(getattr(compiled_spans, name), getattr(eager_spans, name)), name
+    assert eager_spans.tail.abs().sum() > 0 and eager_spans.head.abs().sum() > 0  # the marks put tokens in both
     # rows -> slots 4, 0, 2, 1 -> edits 1, none, 0, 2
     for row, edit in enumerate((1, NO_ROUTE, 0, 2)):
         if edit == NO_ROUTE:

@@ -139,21 +139,38 @@ def test_request_routes_keep_each_slot_span():
 
 def _record(block_sums, span_sums, x, positions, table, boundaries, size):
     """What the routed layer records for one row computing `positions` (consecutive) of a request."""
+    from vllm_memoir.routing.span_marks import block_marks
+
     slots = torch.tensor([table[p // size] * size + p % size for p in positions])
     layout = TokenLayout([0, len(positions)], [positions[-1] + 1], slots, torch.tensor([table]))
-    block_sums.record(x, layout, layout.tokens_of(len(positions)))
-    span_sums.record(x, slots, [(0, len(positions), positions[0], boundaries)])
+    tokens = layout.tokens_of(len(positions))
+    block_sums.record(x, layout, tokens)
+    marks = torch.from_numpy(block_marks(boundaries, len(table), size))
+    span_sums.record(x, layout, tokens, marks[torch.tensor(positions) // size])
+
+
+def _sum_between(span_sums, table, lo, hi, first):
+    """span_sums.sum_between for one request whose block table is `table`: (sum, exact)."""
+    layout = TokenLayout([0, 1], [first + 1], torch.zeros(1, dtype=torch.int64), torch.tensor([table]))
+    row = torch.tensor([0])
+    total, approximate = span_sums.sum_between(layout, row, torch.tensor([lo]), torch.tensor([hi]), torch.tensor([first]))
+    return total[0], not bool(approximate[0])
+
+
+def _sums(size, dim):
+    from vllm_memoir.routing.block_sums import BlockSums
+    from vllm_memoir.routing.span_sums import SpanBlockSums
+
+    block_sums = BlockSums(size, dim, "cpu", num_blocks=100)
+    return block_sums, SpanBlockSums(block_sums)
 
 
 @pytest.mark.parametrize("size", [4, 5])
 def test_span_sums_are_exact_for_chunks_and_shared_blocks(size):
-    from vllm_memoir.routing.block_sums import BlockSums
-    from vllm_memoir.routing.span_sums import SpanBlockSums
-
     rng = random.Random(size)
     dim = 3
     for trial in range(40):
-        block_sums, span_sums = BlockSums(size, dim, "cpu", num_blocks=100), SpanBlockSums(size, dim, "cpu")
+        block_sums, span_sums = _sums(size, dim)
         # A prompt: system turn, earlier user turns, the last user message, a generation prompt.
         ids = [1]
         for _ in range(rng.randint(1, 3)):
@@ -170,33 +187,65 @@ def test_span_sums_are_exact_for_chunks_and_shared_blocks(size):
         edges = [0, *cut, n]
         for a, b in zip(edges[:-1], edges[1:]):
             if b == n and start < a:
-                got, exact = span_sums.span_sum(block_sums, torch.tensor(table), start, min(end, a), a)
+                got, exact = _sum_between(span_sums, table, start, min(end, a), a)
                 here = x[max(start, a):end].sum(0) if end > a else torch.zeros(dim)
                 assert exact and torch.allclose(got + here, want, atol=1e-5), (trial, ids, cut)
             _record(block_sums, span_sums, x[a:b], list(range(a, b)), table, bounds, size)
         # Request B: the same prompt, its full blocks from the prefix cache (another request's sums).
         cached = (n - 1) // size * size
         if start < cached:
-            got, exact = span_sums.span_sum(block_sums, torch.tensor(table), start, min(end, cached), cached)
+            got, exact = _sum_between(span_sums, table, start, min(end, cached), cached)
             here = x[max(start, cached):end].sum(0) if end > cached else torch.zeros(dim)
             assert exact and torch.allclose(got + here, want, atol=1e-5), (trial, ids)
 
 
 def test_span_sums_flag_blocks_without_matching_offsets():
-    from vllm_memoir.routing.block_sums import BlockSums
-    from vllm_memoir.routing.span_sums import SpanBlockSums
-
     size, dim = 4, 2
     ids = [1, 5, 90, 91, 6, 7, 92, 93]  # span [4, 6) starts inside block 1
     x = torch.arange(16, dtype=torch.float32).view(8, 2)
-    block_sums, span_sums = BlockSums(size, dim, "cpu", num_blocks=100), SpanBlockSums(size, dim, "cpu")
+    block_sums, span_sums = _sums(size, dim)
     # Block 1 computed while a whole-prompt artifact was served: no boundaries recorded.
     _record(block_sums, span_sums, x, list(range(8)), [0, 1], None, size)
-    got, exact = span_sums.span_sum(block_sums, torch.tensor([0, 1]), 4, 6, 8)
+    got, exact = _sum_between(span_sums, [0, 1], 4, 6, 8)
     assert not exact and torch.equal(got, x[4:8].sum(0))  # the whole block, flagged
     _record(block_sums, span_sums, x, list(range(8)), [0, 1], SPAN.boundaries(ids), size)
-    got, exact = span_sums.span_sum(block_sums, torch.tensor([0, 1]), 4, 6, 8)
+    got, exact = _sum_between(span_sums, [0, 1], 4, 6, 8)
     assert exact and torch.equal(got, x[4:6].sum(0))
+    # The block is rewritten under a whole-prompt rule again: the offsets are reset with it.
+    _record(block_sums, span_sums, x, list(range(8)), [0, 1], None, size)
+    got, exact = _sum_between(span_sums, [0, 1], 4, 6, 8)
+    assert not exact
+
+
+def test_slot_block_marks_follow_requests_through_the_batch():
+    """Each slot's marks reach the device table when published, follow swaps and moves, grow
+    with the slots, and the tokens of a forward read their own request's block marks."""
+    from vllm_memoir.routing.requests import RequestRoutes
+    from vllm_memoir.routing.span_marks import NONE, block_marks
+
+    size = 2
+    prompt = [1, 90, 91, 5, 6, 92, 7]  # span [3, 5): block 1 has a tail from offset 1, block 2 a head to 1
+    routes = RequestRoutes(capacity=2, route_span=SPAN)
+    routes.add(0, prompt, is_new_request=True)  # before tracking: filled in when tracking starts
+    marks = routes.track_block_marks(size, num_blocks=5)
+    want = torch.from_numpy(block_marks(SPAN.boundaries(prompt), 5, size))
+    assert want[1].tolist() == [1, NONE] and want[2].tolist() == [NONE, 1] and want[0].tolist() == [NONE, NONE]
+    assert torch.equal(marks.device_table[0], want)
+    routes.add(1, [1, 5, 6], is_new_request=True)  # no user marker: no marks
+    routes.set_batch(2)
+    assert torch.equal(marks.device_table[1], torch.full((5, 2), NONE, dtype=torch.int32))
+    routes.swap(0, 1)
+    routes.publish()
+    assert torch.equal(marks.device_table[1], want) and (marks.device_table[0] == NONE).all()
+    routes.move(1, 3)  # grows the slots: a new marks table
+    routes.set_batch(2, row_slots=[0, 3])
+    grown = routes.block_marks
+    assert grown.capacity >= 4 and torch.equal(grown.device_table[3], want) and (grown.device_table[1] == NONE).all()
+    # A forward: row 0 is slot 0 (two tokens at positions 2, 3), row 1 slot 3 (positions 3, 4).
+    layout = TokenLayout([0, 2, 4], [4, 5])
+    tokens = layout.tokens_of(4)
+    got = grown.of_tokens(tokens, routes.row_slots_dev)
+    assert got.tolist() == [[NONE, NONE], [NONE, NONE], want[1].tolist(), want[2].tolist()]
 
 
 # ------------------------------------------------------------------------- edit tools end to end

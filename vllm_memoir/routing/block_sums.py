@@ -60,30 +60,34 @@ class BlockSums:
             logger.warning("MEMOIR: KV block count unknown; sizing block sums for %d blocks", num_blocks)
         self.sums = torch.zeros(num_blocks + 2, self.local_dim, dtype=torch.float32, device=self.device)
 
+    def table(self, layout: TokenLayout) -> torch.Tensor:
+        """The sums table (allocated at the first forward that needs it)."""
+        if self.sums is None:
+            self._allocate(layout)
+        return self.sums
+
     @property
-    def _zero_row(self) -> int:
+    def zero_row(self) -> int:
         return self.sums.shape[0] - 2
 
     @property
-    def _discard_row(self) -> int:
+    def discard_row(self) -> int:
         return self.sums.shape[0] - 1
 
     def sum_before(self, layout: TokenLayout, rows: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
         """[P, D] the summed input of batch rows `rows` over their positions 0..first-1 (zero
         where first is 0): the blocks of their block tables below `first`, the last one as far
         as it was written. Read before this forward is recorded."""
-        if self.sums is None:
-            self._allocate(layout)
+        sums = self.table(layout)
         table = layout.block_table.index_select(0, rows).long()  # [P, max blocks per request]
         used = torch.arange(table.shape[1], device=table.device) * self.block_size < first.unsqueeze(1)
-        blocks = torch.where(used, table.clamp(0, self._zero_row - 1), self._zero_row)
-        return self.sums.index_select(0, blocks.flatten()).view(*blocks.shape, -1).sum(dim=1)
+        blocks = torch.where(used, table.clamp(0, self.zero_row - 1), self.zero_row)
+        return sums.index_select(0, blocks.flatten()).view(*blocks.shape, -1).sum(dim=1)
 
-    def record(self, x: torch.Tensor, layout: TokenLayout, tokens: TokenIndex) -> None:
-        """Add this forward's tokens to the blocks their KV went to (padding tokens: to the
-        discard row), resetting the blocks written from their first slot."""
-        if self.sums is None:
-            self._allocate(layout)
+    def token_blocks(self, x: torch.Tensor, layout: TokenLayout, tokens: TokenIndex) -> tuple[torch.Tensor, torch.Tensor]:
+        """[T] the table row each of this forward's tokens goes to (padding tokens: the discard
+        row) and [T] its offset inside its block."""
+        self.table(layout)
         size = self.block_size
         slots = layout.slot_mapping[: x.shape[0]].long()
         if slots.shape[0] < x.shape[0]:  # padding tokens beyond the metadata's slots
@@ -92,6 +96,15 @@ class BlockSums:
             slots = torch.where(tokens.valid, slots, -1)
         # Padding slots are -1: their block, -1, wraps to the discard row (the table's last).
         block = torch.div(slots, size, rounding_mode="floor").remainder_(self.sums.shape[0])
-        starting = torch.where(slots % size == 0, block, self._discard_row)
-        self.sums.index_fill_(0, starting, 0.0)
+        return block, slots % size
+
+    def record(self, x: torch.Tensor, layout: TokenLayout, tokens: TokenIndex) -> None:
+        """Add this forward's tokens to the blocks their KV went to (padding tokens: to the
+        discard row), resetting the blocks written from their first slot."""
+        self.table(layout)
+        self.record_at(x, *self.token_blocks(x, layout, tokens))
+
+    def record_at(self, x: torch.Tensor, block: torch.Tensor, offset: torch.Tensor) -> None:
+        """record(), with token_blocks() already found."""
+        self.sums.index_fill_(0, torch.where(offset == 0, block, self.discard_row), 0.0)
         self.sums.index_add_(0, block, x.to(self.sums.dtype))

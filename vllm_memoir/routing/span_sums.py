@@ -23,170 +23,122 @@ block computed while another span rule was served, or whose markers were generat
 of the request that computed it, does not match, and the caller gets an approximate sum
 (the whole block) flagged as such.
 
-Costs two more [num_blocks, D_local] float32 buffers, beside BlockSums' one, and
-host-side work only for rows whose tokens share a block with a span boundary.
+Everything in the forward is tensor operations on preallocated device buffers, like
+BlockSums: where a request's tails and heads start and end is found on the host when it
+enters the batch (routing.span_marks, from its prompt token ids) and published per slot, as the request
+buffers are. Costs two more [num_blocks, D_local] float32
+buffers beside BlockSums' one, and two more scatter-adds per forward.
 """
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from vllm_memoir.routing.block_sums import BlockSums
-from vllm_memoir.core.route_span import SpanBoundaries
+from vllm_memoir.routing.layout import TokenIndex, TokenLayout
+from vllm_memoir.routing.span_marks import NONE
 
-NONE = -1
 
-
-def tail_and_head(boundaries: SpanBoundaries, positions: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """For each position: the span start its block's tail is summed from, and the span end its
-    block's head is summed to (absolute positions, NONE where the block has none)."""
-    block_start = positions - positions % block_size
-    block_end = block_start + block_size
-    starts, ends = boundaries.starts, boundaries.ends
-    tail_start = np.full(positions.shape, NONE, dtype=np.int64)
-    if starts.size:
-        last = np.searchsorted(starts, block_end, side="left") - 1  # the last start before the block's end
-        found = starts[np.maximum(last, 0)]
-        tail_start = np.where((last >= 0) & (found >= block_start), found, NONE)
-    head_end = np.full(positions.shape, NONE, dtype=np.int64)
-    if ends.size:
-        after = np.where(tail_start >= 0, tail_start, block_start)
-        first = np.searchsorted(ends, after, side="left")  # the first end at or after `after`
-        found = ends[np.minimum(first, ends.size - 1)]
-        head_end = np.where((first < ends.size) & (found < block_end), found, NONE)
-    return tail_start, head_end
+TAIL, HEAD = 0, 1
 
 
 class SpanBlockSums:
-    """Tail and head sums per physical KV block, with the offsets they start or end at."""
+    """Tail and head sums per physical KV block, with the offsets they start or end at; rows
+    line up with BlockSums' (its zero and discard rows included)."""
 
-    def __init__(self, block_size: int, local_dim: int, device: torch.device | str):
-        self.block_size = block_size
-        self.tail = torch.zeros(0, local_dim, dtype=torch.float32, device=device)
-        self.head = torch.zeros(0, local_dim, dtype=torch.float32, device=device)
-        # Offsets inside the block, kept on the host: they are derived from host-side token ids.
-        self.tail_from = np.zeros(0, dtype=np.int64)
-        self.head_to = np.zeros(0, dtype=np.int64)
+    def __init__(self, block_sums: BlockSums):
+        self.block_sums = block_sums
+        self.block_size = block_sums.block_size
+        # [rows, 2, D]: each block's tail and head sums; [rows, 2]: the offset its tail starts
+        # at and its head ends at (one table each, so a reset is one operation).
+        self.parts: torch.Tensor | None = None
+        self.offsets: torch.Tensor | None = None
 
-    def _ensure_blocks(self, num_blocks: int) -> None:
-        have = self.tail.shape[0]
-        if num_blocks <= have:
-            return
-        grown = max(num_blocks, 2 * have)
-        for name in ("tail", "head"):
-            old = getattr(self, name)
-            new = torch.zeros(grown, old.shape[1], dtype=old.dtype, device=old.device)
-            new[:have] = old
-            setattr(self, name, new)
-        for name in ("tail_from", "head_to"):
-            setattr(self, name, np.concatenate([getattr(self, name), np.full(grown - have, NONE, dtype=np.int64)]))
+    def _allocate(self, layout: TokenLayout) -> None:
+        sums = self.block_sums.table(layout)
+        self.parts = torch.zeros(sums.shape[0], 2, sums.shape[1], dtype=sums.dtype, device=sums.device)
+        self.offsets = torch.full((sums.shape[0], 2), NONE, dtype=torch.int32, device=sums.device)
+
+    @property
+    def tail(self) -> torch.Tensor:
+        return self.parts[:, TAIL]
+
+    @property
+    def head(self) -> torch.Tensor:
+        return self.parts[:, HEAD]
 
     # --- recording (after the forward's routing decisions) --------------------------------------
 
-    def record(self, x: torch.Tensor, slot_mapping: torch.Tensor, rows: list[tuple[int, int, int, SpanBoundaries | None]]) -> None:
+    def record(self, x: torch.Tensor, layout: TokenLayout, tokens: TokenIndex, token_marks: torch.Tensor) -> None:
         """Add this forward's tokens to the tails and heads of the blocks their KV went to.
 
-        rows: (first token index in x, token count, first position, span boundaries or None)
-        per batch row. A block written from its first slot is new content: its sums and
-        offsets are reset, then set by the row that writes it.
+        token_marks: [T, 2] each token's block marks (SlotBlockMarks.of_tokens). A block
+        written from its first slot is new content: its sums are reset and its offsets set
+        from the marks of the token written there.
         """
-        size = self.block_size
-        slots = slot_mapping[: x.shape[0]].to(torch.int64).cpu().numpy()
-        valid = slots >= 0
-        if not valid.any():
-            return
-        blocks = slots // size
-        self._ensure_blocks(int(blocks[valid].max()) + 1)
-        starting = np.unique(blocks[valid & (slots % size == 0)])
-        if starting.size:
-            index = torch.from_numpy(starting).to(self.tail.device)
-            self.tail.index_fill_(0, index, 0.0)
-            self.head.index_fill_(0, index, 0.0)
-            self.tail_from[starting] = NONE
-            self.head_to[starting] = NONE
-        tail_tokens, tail_blocks, head_tokens, head_blocks = [], [], [], []
-        for token_start, count, first, boundaries in rows:
-            if boundaries is None or count == 0:
-                continue
-            last = boundaries.last
-            if last < 0 or first // size > last // size:
-                continue  # every token of the row lies in blocks after its last span boundary
-            positions = np.arange(first, first + count, dtype=np.int64)
-            tail_start, head_end = tail_and_head(boundaries, positions, size)
-            row_blocks = blocks[token_start:token_start + count]
-            ok = valid[token_start:token_start + count]
-            begins = ok & (positions % size == 0)
-            offset = positions % size
-            self.tail_from[row_blocks[begins]] = np.where(tail_start[begins] >= 0, (tail_start - positions + offset)[begins], NONE)
-            self.head_to[row_blocks[begins]] = np.where(head_end[begins] >= 0, (head_end - positions + offset)[begins], NONE)
-            in_tail = ok & (tail_start >= 0) & (positions >= tail_start)
-            in_head = ok & (head_end >= 0) & (positions < head_end)
-            tail_tokens.append(token_start + np.flatnonzero(in_tail))
-            tail_blocks.append(row_blocks[in_tail])
-            head_tokens.append(token_start + np.flatnonzero(in_head))
-            head_blocks.append(row_blocks[in_head])
-        self._add(self.tail, x, tail_tokens, tail_blocks)
-        self._add(self.head, x, head_tokens, head_blocks)
+        self.record_at(x, *self.block_sums.token_blocks(x, layout, tokens), token_marks, layout)
 
-    @staticmethod
-    def _add(target: torch.Tensor, x: torch.Tensor, tokens: list[np.ndarray], blocks: list[np.ndarray]) -> None:
-        if not tokens:
-            return
-        token_index = np.concatenate(tokens)
-        if token_index.size == 0:
-            return
-        device = target.device
-        rows = x.index_select(0, torch.from_numpy(token_index).to(x.device)).float().to(device)
-        target.index_add_(0, torch.from_numpy(np.concatenate(blocks)).to(device), rows)
+    def record_at(self, x: torch.Tensor, block: torch.Tensor, offset: torch.Tensor, token_marks: torch.Tensor,
+                  layout: TokenLayout) -> None:
+        """record(), with BlockSums.token_blocks() already found."""
+        if self.parts is None:
+            self._allocate(layout)
+        discard = self.block_sums.discard_row
+        starting = torch.where(offset == 0, block, discard)
+        self.parts.index_fill_(0, starting, 0.0)
+        # Several tokens may land on the discard row; which value it keeps does not matter.
+        self.offsets.index_put_((starting,), token_marks.to(self.offsets.dtype))
+        tail_from, head_to = token_marks[:, TAIL], token_marks[:, HEAD]
+        in_tail = (tail_from >= 0) & (offset >= tail_from)
+        in_head = (head_to >= 0) & (offset < head_to)
+        flat = self.parts.view(-1, self.parts.shape[-1])  # row 2b: block b's tail, 2b + 1: its head
+        inputs = x.to(flat.dtype)
+        flat.index_add_(0, torch.where(in_tail, block, discard) * 2 + TAIL, inputs)
+        flat.index_add_(0, torch.where(in_head, block, discard) * 2 + HEAD, inputs)
 
     # --- reading (at a routing decision, before this forward is recorded) ------------------------
 
-    def span_sum(self, block_sums: BlockSums, block_table_row: torch.Tensor, lo: int, hi: int,
-                 first: int) -> tuple[torch.Tensor, bool]:
-        """Summed inputs over positions [lo, hi) of one request, all before `first` (its first
-        position in this forward); and whether the sum is exact.
+    def sum_between(self, layout: TokenLayout, rows: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
+                    first: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[P, D] summed inputs of batch rows `rows` over their positions [lo, hi), all before
+        `first` (each row's first position in this forward); and [P] bool, where the sum is
+        approximate (a boundary block without matching offsets: the whole block was used).
 
-        block_table_row: the request's physical KV block ids. Blocks below `first` hold
-        positions up to min(block end, first) (the last one partly, from this request's chunk).
+        Blocks below `first` hold positions up to min(block end, first) (the last one partly).
         """
+        if self.parts is None:
+            self._allocate(layout)
         size = self.block_size
-        sums = block_sums.sums
-        first_block, last_block = lo // size, (hi - 1) // size
-        physical = block_table_row[first_block:last_block + 1].to(torch.int64).cpu().tolist()
-        total = torch.zeros(sums.shape[1], dtype=torch.float32, device=sums.device)
-        exact = True
-        whole: list[int] = []
-        for i, block in enumerate(physical):
-            start = (first_block + i) * size
-            begin, end = max(lo, start) - start, min(hi, start + size) - start
-            recorded = min(start + size, first) - start
-            if block >= sums.shape[0] or block >= self.tail.shape[0]:
-                exact = False  # never recorded (cannot happen for blocks this layer saw; a guard)
-                continue
-            if begin == 0 and end == recorded:
-                whole.append(block)
-                continue
-            part, part_exact = self._part(sums, block, begin, end, recorded)
-            total += part
-            exact = exact and part_exact
-        if whole:
-            total += sums.index_select(0, torch.tensor(whole, dtype=torch.int64, device=sums.device)).sum(dim=0)
-        return total, exact
-
-    def _part(self, sums: torch.Tensor, block: int, begin: int, end: int, recorded: int) -> tuple[torch.Tensor, bool]:
-        """Offsets [begin, end) of a block holding [0, recorded): tail and/or head, where their
-        offsets match; else the nearest approximation (the recorded block)."""
-        exact = True
-        if begin == 0:
-            part = sums[block]
-        elif self.tail_from[block] == begin:
-            part = self.tail[block]
-        else:
-            part, exact = sums[block], False
-        if end < recorded:
-            if self.head_to[block] == end:
-                part = part + self.head[block] - sums[block]
-            else:
-                exact = False
-        return part, exact
+        sums = self.block_sums.sums
+        table = layout.block_table.index_select(0, rows).long()
+        last_column = table.shape[1] - 1
+        has = lo < hi
+        zero_row = self.block_sums.zero_row
+        start_column = torch.div(lo, size, rounding_mode="floor").clamp(0, last_column)
+        end_column = torch.div(hi - 1, size, rounding_mode="floor").clamp(0, last_column)
+        start_block = table.gather(1, start_column.unsqueeze(1)).squeeze(1).clamp(0, zero_row - 1)
+        end_block = table.gather(1, end_column.unsqueeze(1)).squeeze(1).clamp(0, zero_row - 1)
+        # The span's first block from its tail, where it starts inside the block.
+        begin = lo - start_column * size
+        needs_tail = has & (begin != 0)
+        from_tail = needs_tail & (self.offsets[:, TAIL].index_select(0, start_block) == begin)
+        # Its last block to its head, where it ends before what the block holds.
+        end = hi - end_column * size
+        recorded = torch.minimum((end_column + 1) * size, first) - end_column * size
+        needs_head = has & (end < recorded)
+        to_head = needs_head & (self.offsets[:, HEAD].index_select(0, end_block) == end)
+        # Whole blocks: the columns between, less the boundary blocks taken from a tail or head.
+        column = torch.arange(table.shape[1], device=table.device).unsqueeze(0)
+        whole = has.unsqueeze(1) & (column * size < hi.unsqueeze(1)) & ((column + 1) * size > lo.unsqueeze(1))
+        whole &= ~((column == start_column.unsqueeze(1)) & from_tail.unsqueeze(1))
+        whole &= ~((column == end_column.unsqueeze(1)) & to_head.unsqueeze(1))
+        blocks = torch.where(whole, table.clamp(0, zero_row - 1), zero_row)
+        total = sums.index_select(0, blocks.flatten()).view(*blocks.shape, -1).sum(dim=1)
+        zero = total.new_zeros(())
+        total += torch.where(from_tail.unsqueeze(1), self.tail.index_select(0, start_block), zero)
+        total += torch.where(to_head.unsqueeze(1), self.head.index_select(0, end_block), zero)
+        # One block with both: tail + head - the whole block.
+        both = from_tail & to_head & (start_column == end_column)
+        total -= torch.where(both.unsqueeze(1), sums.index_select(0, start_block), zero)
+        approximate = (needs_tail & ~from_tail) | (needs_head & ~to_head)
+        return total, approximate

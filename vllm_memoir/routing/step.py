@@ -4,14 +4,14 @@ Runs inside the routing op (routing.op), after the base down_proj and before the
 tensor-parallel all-reduce, in three parts:
 
 1. **Decide** the rows still PENDING whose last prompt token is in this forward: their route
-   feature from the prompt's summed down_proj inputs (this forward's tokens plus, when the
-   prompt reached the layer in parts, its sum from earlier forwards or the prefix cache),
-   TopHash, matched against the stored masks. Whole-prompt routing stays on the device and
-   writes the route into the request buffers, for the host to read after the forward
-   (requests.settle). Routing on a span of the prompt (the last user message) reads the
-   layout on the host: a prefill-decision step only.
+   feature from the summed down_proj inputs over the prompt, or over its routing span (the
+   last user message), in this forward plus, when it reached the layer in parts, from
+   earlier forwards or the prefix cache; TopHash, matched against the stored masks. All on
+   the device: the route is written into the request buffers, for the host to read after
+   the forward (requests.settle).
 2. **Record** each KV block's input sum, which later forwards and requests sharing the
-   block need (block_sums; span_sums for span routing), when the engine may split prompts.
+   block need (block_sums; and tails and heads for span routing, span_sums), when the
+   engine may split prompts.
 3. **Add** `W_m (m_t * x_t)` to the tokens, `m_t` the mask of its row's edit: one formula
    for prefill and decode, all-zero masks for rows without an edit, so unrouted tokens keep
    the base output bit for bit. Where the routed tokens are known without reading the
@@ -35,12 +35,12 @@ import torch
 
 from vllm_memoir import metrics
 from vllm_memoir.core import NO_ROUTE, dense_masked_residual
-from vllm_memoir.core.routing import RouteDecision
 from vllm_memoir.routing import requests
 from vllm_memoir.routing.block_sums import BlockSums
 from vllm_memoir.routing.decisions import ShardedPromptRouter
 from vllm_memoir.routing.layout import HostLayout, TokenIndex, TokenLayout, current_layout
 from vllm_memoir.routing.requests import PENDING, PendingReport, RequestRoutes
+from vllm_memoir.routing.span_marks import SlotBlockMarks
 from vllm_memoir.routing.span_sums import SpanBlockSums
 
 
@@ -82,15 +82,28 @@ def add_picked_residual(out: torch.Tensor, x: torch.Tensor, memory: torch.Tensor
     out.index_add_(0, picked, dense_masked_residual(x.index_select(0, picked), memory, masks))
 
 
+def record_sums(x: torch.Tensor, layout: TokenLayout, tokens: TokenIndex, row_slots: torch.Tensor,
+                block_sums: BlockSums | None, span_sums: SpanBlockSums | None = None,
+                block_marks: SlotBlockMarks | None = None) -> None:
+    """Keep this forward's inputs per KV block: whole-block sums, and tails and heads when a
+    span rule is served (or was: blocks computed since then must not keep stale offsets)."""
+    if block_sums is None:
+        return
+    block, offset = block_sums.token_blocks(x, layout, tokens)
+    block_sums.record_at(x, block, offset)
+    if span_sums is not None:
+        span_sums.record_at(x, block, offset, block_marks.of_tokens(tokens, row_slots), layout)
+
+
 def decode_step(out: torch.Tensor, x: torch.Tensor, layout: TokenLayout, slot_route: torch.Tensor,
                 row_slots: torch.Tensor, router: ShardedPromptRouter, memory: torch.Tensor,
-                block_sums: BlockSums | None, routed_rows: torch.Tensor | None = None) -> None:
-    """A forward with no prompt to decide (whole-prompt routing): record the block sums, add
-    the residual. Fixed-shape tensor operations on persistent buffers only, so it can be
-    captured (without routed_rows: the rows the host knows to be routed, run eagerly)."""
+                block_sums: BlockSums | None, routed_rows: torch.Tensor | None = None,
+                span_sums: SpanBlockSums | None = None, block_marks: SlotBlockMarks | None = None) -> None:
+    """A forward with no prompt to decide: record the block sums, add the residual.
+    Fixed-shape tensor operations on persistent buffers only, so it can be captured (without
+    routed_rows: the rows the host knows to be routed, run eagerly)."""
     tokens = layout.tokens_of(x.shape[0])
-    if block_sums is not None:
-        block_sums.record(x, layout, tokens)
+    record_sums(x, layout, tokens, row_slots, block_sums, span_sums, block_marks)
     if routed_rows is None:
         add_residual(out, x, memory, router, token_routes(slot_route, row_slots, tokens))
     elif routed_rows.numel():  # numel: a host-made index, no device read
@@ -109,8 +122,8 @@ class RoutingStep:
         self.layer = layer
         self.block_sums = block_sums  # None: the engine never splits prompts
         self.block_size = block_size
-        # Span routing's partial sums at span boundaries (host-side offsets), made when such an
-        # artifact is served.
+        # Span routing's partial sums at span boundaries, made when such an artifact is served
+        # under prompt splitting (kept after: see record_sums).
         self.span_sums: SpanBlockSums | None = None
         self._block_layout_checked = False
         # Routing decisions of new requests since start-up, by edit id (counted on rank 0).
@@ -120,7 +133,7 @@ class RoutingStep:
     def serve_span_rule(self, whole_prompt: bool) -> None:
         if whole_prompt or self.block_sums is None or self.span_sums is not None:
             return
-        self.span_sums = SpanBlockSums(self.block_size, self.layer.local_dim, self.layer.device)
+        self.span_sums = SpanBlockSums(self.block_sums)
 
     # --- the op -------------------------------------------------------------------------------
 
@@ -147,20 +160,19 @@ class RoutingStep:
         if self.block_sums is not None and not self._block_layout_checked:
             self._check_block_layout(layout)
         tokens = layout.tokens_of(x.shape[0])
-        if not pending.size and routes.route_span.whole_prompt and tokens.decode_only:
+        marks = None
+        if self.span_sums is not None:
+            marks = routes.track_block_marks(self.block_size, layout.block_table.shape[1])
+        if not pending.size and tokens.decode_only:
             picked = None if _capturing(x) else torch.from_numpy(routed).to(x.device, non_blocking=True)
             decode_step(out, x, layout, routes.slot_route_dev, routes.row_slots_dev, self.layer.router,
-                        self.layer.memory, self.block_sums, picked)
+                        self.layer.memory, self.block_sums, picked, self.span_sums, marks)
             self._finish(routes, layout, started)
             return
-        if pending.size and routes.route_span.whole_prompt:
+        if pending.size:
             self._decide(x, layout, tokens, routes, torch.from_numpy(pending))
-        elif pending.size:
-            self._decide_spans(x, layout.host, layout, routes, pending.tolist())
-        if self.block_sums is not None:
-            self.block_sums.record(x, layout, tokens)  # after the decisions, which read the sums before it
-            if self.span_sums is not None:
-                self._record_span_sums(x, layout.host, layout, routes)
+        # After the decisions, which read the sums from before this forward.
+        record_sums(x, layout, tokens, routes.row_slots_dev, self.block_sums, self.span_sums, marks)
         if pending.size or routed.size:
             token_route = token_routes(routes.slot_route_dev, routes.row_slots_dev, tokens)
             if x.device.type == "cpu":  # finding the routed tokens waits on nothing here
@@ -179,7 +191,7 @@ class RoutingStep:
             self._log_recomputes(routes, layout.host)
         metrics.count_routing_step(time.perf_counter() - started)
 
-    # --- whole-prompt routing: on the device ----------------------------------------------------
+    # --- decisions: on the device -------------------------------------------------------------
 
     def _decide(self, x: torch.Tensor, layout: TokenLayout, tokens: TokenIndex, routes: RequestRoutes,
                 pending: torch.Tensor) -> None:
@@ -193,8 +205,9 @@ class RoutingStep:
         deciding = (prompt_len > 0) & (last_offset >= 0) & (last_offset < layout.row_tokens.index_select(0, rows))
         last_token = (layout.query_start.long().index_select(0, rows) + last_offset.clamp(min=0))
         last_token = last_token.clamp(max=x.shape[0] - 1)
-        sums = self._prompt_sums(x, layout, tokens, routes, rows, first)
-        features = self.layer.router.features_from_sums(sums, x.index_select(0, last_token), prompt_len)
+        span_start, span_end = (routes.slot_span_dev[i].index_select(0, slots) for i in range(2))
+        sums, approximate = self._span_sums(x, layout, tokens, routes, rows, first, span_start, span_end)
+        features = self.layer.router.features_from_sums(sums, x.index_select(0, last_token), span_end - span_start)
         route, best, overlap = self.layer.router.decide_tensors(features)
         route = route.to(device)
         # A forward that starts after the prompt's end: a resumed request whose decision left the cache.
@@ -203,92 +216,32 @@ class RoutingStep:
         pending_value = torch.full_like(route, PENDING)
         new_route = torch.where(deciding, route, torch.where(lost, torch.full_like(route, NO_ROUTE), pending_value))
         routes.slot_route_dev.index_copy_(0, slots, new_route)
-        routes.defer(PendingReport(routes.slots_of_rows(pending), deciding, route, best, overlap, lost, partial, first))
+        routes.defer(PendingReport(routes.slots_of_rows(pending), deciding, route, best, overlap, lost, partial, first,
+                                   approximate, span_start, span_end))
 
-    def _prompt_sums(self, x: torch.Tensor, layout: TokenLayout, tokens: TokenIndex, routes: RequestRoutes,
-                     rows: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
-        """[P, D] float32: each of `rows`' summed input over its prompt positions up to this
-        forward's last: this forward's prompt tokens (not the generated tokens a recomputed
-        request carries), plus the blocks its earlier positions went to."""
+    def _span_sums(self, x: torch.Tensor, layout: TokenLayout, tokens: TokenIndex, routes: RequestRoutes,
+                   rows: torch.Tensor, first: torch.Tensor, span_start: torch.Tensor,
+                   span_end: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[P, D] float32: each of `rows`' summed input over its routing span (prompt positions
+        [span_start, span_end); the whole prompt unless the artifact routes on the last user
+        message): this forward's span tokens (never the generated tokens a recomputed request
+        carries), plus the blocks its earlier positions went to; and [P] bool, where the
+        earlier part is approximate (span_sums)."""
         num_rows = tokens.num_rows
-        token_prompt_len = routes.slot_prompt_len_dev.index_select(
-            0, routes.row_slots_dev.index_select(0, tokens.row))
-        in_prompt = tokens.valid & (tokens.position < token_prompt_len)
-        target = torch.where(in_prompt, tokens.row, num_rows)  # row num_rows: the rest
+        token_slot = routes.row_slots_dev.index_select(0, tokens.row)
+        token_start, token_end = (routes.slot_span_dev[i].index_select(0, token_slot) for i in range(2))
+        in_span = tokens.valid & (tokens.position >= token_start) & (tokens.position < token_end)
+        target = torch.where(in_span, tokens.row, num_rows)  # row num_rows: the rest
         here = torch.zeros(num_rows + 1, x.shape[1], dtype=torch.float32, device=x.device)
         sums = here.index_add_(0, target, x.float()).index_select(0, rows)
-        if self.block_sums is not None:
-            sums += self.block_sums.sum_before(layout, rows, first)
-        return sums
-
-    # --- span routing (the last user message): on the host, at prefill-decision steps ------------
-
-    def _decide_spans(self, x: torch.Tensor, host: HostLayout, layout: TokenLayout, routes: RequestRoutes,
-                      pending: list[int]) -> None:
-        deciding, features = [], []
-        for row in pending:
-            start, end = host.tokens(row)
-            first = host.first_position(row)
-            prompt_len = routes.row_prompt_len(row)
-            if self.block_sums is None and (first > 0 or first + (end - start) < prompt_len):
-                raise RuntimeError(
-                    f"MEMOIR: a request's prefill holds positions {first}..{first + end - start - 1} of a "
-                    f"{prompt_len}-token prompt; routing needs whole prompts unless the edit sits at the last layer "
-                    "(is prefix caching or chunked prefill on?)")
-            if first + (end - start) < prompt_len:
-                continue  # a chunk of a longer prompt: decided with its last chunk
-            if first >= prompt_len:
-                logger.error("MEMOIR: a request's prompt (%d tokens) starts at position %d in this forward and "
-                             "its route is unknown; serving it unrouted", prompt_len, first)
-                routes.record(row, RouteDecision(NO_ROUTE, NO_ROUTE, 0.0))
-                continue
-            span_start, span_end = routes.row_span(row)
-            deciding.append(row)
-            if first > 0 and self.layer.tp_rank == 0:
-                logger.debug("MEMOIR: route of a prompt seen in parts: %d of its %d tokens reached the layer "
-                             "earlier (chunked prefill or prefix cache)", first, prompt_len)
-            features.append(self._span_feature(row, x, host, layout, span_start, span_end, prompt_len))
-        if deciding:
-            for row, decision in zip(deciding, self.layer.router.decide(torch.stack(features))):
-                routes.record(row, decision)
-
-    def _span_feature(self, row: int, x: torch.Tensor, host: HostLayout, layout: TokenLayout, span_start: int,
-                      span_end: int, prompt_len: int) -> torch.Tensor:
-        """The feature over prompt positions [span_start, span_end) of a row whose last prompt
-        token is in this forward: the span's tokens here, plus (chunked prefill, prefix cache)
-        the sums of its tokens that reached the layer before."""
-        start, _ = host.tokens(row)
-        first = host.first_position(row)
-        router = self.layer.router
-        here = x[start + max(span_start - first, 0): start + max(span_end - first, 0)]
-        if span_start >= first:
-            return router.prompt_feature(here)
-        earlier, exact = self.span_sums.span_sum(self.block_sums, layout.block_table[row], span_start,
-                                                 min(span_end, first), first)
-        if self.layer.tp_rank == 0 and logger.isEnabledFor(logging.DEBUG):
-            size = self.block_size
-            logger.debug("MEMOIR: last user message at prompt positions %d-%d of %d: %d of its tokens reached the "
-                         "layer earlier; it starts %s and ends %s (%s)", span_start, span_end, prompt_len,
-                         min(span_end, first) - span_start, "mid-block" if span_start % size else "at a block start",
-                         "in this forward" if span_end > first else "earlier", "exact" if exact else "approximate")
-        if not exact and self.layer.tp_rank == 0:
-            metrics.count_inexact_span_feature()
-            logger.warning(
-                "MEMOIR: approximate route feature: the last user message (prompt positions %d-%d of %d) starts or "
-                "ends inside a KV block that reached the edited layer before this forward without sums for that "
-                "boundary (computed while another artifact was served, or holding generated tokens); the whole "
-                "block was used (counted in memoir:inexact_span_features_total)", span_start, span_end, prompt_len)
-        return router.prompt_feature_from_parts(earlier, here, span_end - span_start)
-
-    def _record_span_sums(self, x: torch.Tensor, host: HostLayout, layout: TokenLayout,
-                          routes: RequestRoutes) -> None:
-        num_tokens = host.query_start[-1]
-        rows = []
-        for row in range(len(host.seq_lens)):
-            start, end = host.tokens(row)
-            boundaries = routes.row_boundaries(row) if row < routes.num_rows else None
-            rows.append((start, end - start, host.first_position(row), boundaries))
-        self.span_sums.record(x[:num_tokens], layout.slot_mapping[:num_tokens], rows)
+        approximate = torch.zeros_like(first, dtype=torch.bool)
+        if self.block_sums is None:
+            return sums, approximate
+        if self.span_sums is None:  # whole prompts: every block before this forward
+            return sums + self.block_sums.sum_before(layout, rows, first), approximate
+        earlier, approximate = self.span_sums.sum_between(layout, rows, span_start, torch.minimum(span_end, first),
+                                                          first)
+        return sums + earlier, approximate
 
     # --- checks, reports, logs ----------------------------------------------------------------
 
@@ -312,8 +265,16 @@ class RoutingStep:
 
     def _report(self, routes: RequestRoutes) -> None:
         decisions = routes.take_new_decisions()
+        approximate, routes.approximate_features = routes.approximate_features, 0
         if self.layer.tp_rank != 0:
             return
+        for _ in range(approximate):
+            metrics.count_inexact_span_feature()
+            logger.warning(
+                "MEMOIR: approximate route feature: the last user message starts or ends inside a KV block that "
+                "reached the edited layer before this forward without partial sums for that boundary (computed while "
+                "another artifact was served, or holding generated tokens); the whole block was used (counted in "
+                "memoir:inexact_span_features_total)")
         edit_ids = self.layer.edit_ids
         for decision, prompt_len in decisions:
             metrics.count_decision(decision.routed)
