@@ -104,7 +104,8 @@ def timed(call, *args, **kwargs) -> tuple[float, object]:
 
 
 def load_parts(directory: Path) -> dict:
-    """load_artifact's parts, each timed (the same private steps load_artifact runs, in order)."""
+    """load_artifact's parts, each timed alone (the private steps load_artifact runs; it hashes
+    the tensors file on a thread while it does the rest, so its time is less than their sum)."""
     manifest = artifact_module.read_manifest(directory)
     tensors_name = next(n for n in manifest.files if n.endswith(".safetensors"))
     edits_name = next(n for n in manifest.files if n.endswith(".jsonl"))
@@ -128,9 +129,9 @@ class StandInWorkers:
 
     def __init__(self, path: Path, artifact: MemoirArtifact):
         # Imported here, after the load and collector measurements: it imports vLLM (~0.4 GB).
-        from vllm_memoir.live_edits import listed_edits
+        from vllm_memoir import live_edits
 
-        self.listed_edits = listed_edits
+        self.live_edits = live_edits
         self.path, self.served, self.staged = path, self.stage(artifact), None
         self.loading: asyncio.Future | None = None
 
@@ -146,6 +147,8 @@ class StandInWorkers:
             return [{"ok": True, **(getattr(self, method)(*args) or {})}]
         except KeyError as exc:
             return [{"ok": False, "kind": "unknown_edit", "error": f"no edit with id {exc.args[0]}"}]
+        except ValueError as exc:  # LiveEditError, ArtifactError: as the worker extension answers them
+            return [{"ok": False, "kind": "refused", "error": str(exc)}]
 
     async def pause_generation(self, mode: str, clear_cache: bool) -> None:
         return None
@@ -161,7 +164,7 @@ class StandInWorkers:
         if with_edits:
             end = len(records) if limit is None else offset + limit
             state["offset"] = offset
-            state["edits"] = self.listed_edits(records, offset, end, {})  # what a worker lists
+            state["edits"] = self.live_edits.listed_edits(records, offset, end, {})  # what a worker lists
         return state
 
     def memoir_prepare(self, path: str, version: int) -> dict:
@@ -188,6 +191,16 @@ class StandInWorkers:
         self.served["router"].enabled[row] = enabled
         self.served["records"].set_enabled(row, enabled)
         return {"edit_id": edit_id, "enabled": enabled}
+
+    def memoir_flags(self, edit_id: int) -> dict:
+        self.served["rows"][edit_id]  # KeyError: not served
+        return self.live_edits.served_flags(self.path, self.served["manifest"], self.served["records"])
+
+    def memoir_adopt_flags(self, previous_version: int, manifest: dict, edit_id: int, enabled: bool) -> dict:
+        written = self.live_edits.flags_version(self.served["manifest"], previous_version, manifest)
+        self.memoir_set_enabled(edit_id, enabled)
+        self.served["manifest"] = written
+        return self.memoir_state(with_edits=False)
 
 
 async def admin_costs(directory: Path, artifact: MemoirArtifact, repeats: int, persist: bool) -> dict:
@@ -224,8 +237,14 @@ async def admin_costs(directory: Path, artifact: MemoirArtifact, repeats: int, p
     out["swap_prepare_seconds"] = await seconds(prepare, 1)
     commit = await control.commit_swap(prepared)
     out["swap_commit_seconds"] = commit["commit_seconds"]
-    if persist:
-        out["persisted_disable_seconds"] = await seconds(lambda: control.set_enabled(middle, False, persist=True), 1)
+    if persist:  # a new version with the same tensors file: the records written, the flag flipped
+        for action, enabled in (("disable", False), ("enable", True)):
+            answers = []
+
+            async def persisted():
+                answers.append(await control.set_enabled(middle, enabled, persist=True))
+            out[f"persisted_{action}_seconds"] = await seconds(persisted, 1)
+            out[f"persisted_{action}_write_seconds"] = answers[0]["persisted"]["write_seconds"]
     return out
 
 
@@ -252,6 +271,7 @@ def measure(count: int, width: str, work: Path, repeats: int, persist: bool) -> 
     shutil.rmtree(directory, ignore_errors=True)
     hidden, dim, top_k = WIDTHS[width]
     row = {"width": width, "edits": count, "hidden": hidden, "intermediate": dim, "top_k": top_k}
+    load_before = os.getloadavg()[0]  # the machine is shared: how busy it was says how to read the times
     row.update(write_artifact(directory, count, width))
     gc.collect()
     command = [sys.executable, __file__, "--child", str(directory), "--repeats", str(repeats)]
@@ -261,6 +281,7 @@ def measure(count: int, width: str, work: Path, repeats: int, persist: bool) -> 
                                                                        os.environ.get("PYTHONPATH")]))}
     done = subprocess.run(command, check=True, capture_output=True, text=True, env=env)
     row.update(json.loads(done.stdout.strip().splitlines()[-1]))
+    row["load_average_1min"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]  # at start, at end
     shutil.rmtree(directory, ignore_errors=True)
     return row
 
@@ -271,7 +292,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--width", action="append", choices=sorted(WIDTHS), help="repeatable (default: both)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/million-edits"), help="scratch artifact directory")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--no-persist", action="store_true", help="skip the persisted disable (a full save)")
+    parser.add_argument("--no-persist", action="store_true", help="skip the persisted disable and enable")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--persist", action="store_true", help=argparse.SUPPRESS)

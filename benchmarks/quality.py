@@ -20,6 +20,8 @@ diagnostics that separate the causes of a miss:
     python benchmarks/quality.py --sizes 10,100 --set edit_lr=20 --out /tmp/try
     # the reference's step settings vs this tool's default step, the YAML's routing kept:
     python benchmarks/quality.py --compare-steps --sizes 1,10 --model M --hparams H --data D --label NAME
+    # a finished T=1000 artifact rescored at other routing settings (irr_threshold x route_margin):
+    python benchmarks/quality.py --sizes 1000 --thresholds-only --thresholds 0.79 --margins 0,0.02,0.05
 
 Writes <out>/quality.json, <out>/quality.png (Rel/Gen/Loc against T, log x, with the MEMOIR
 paper's Llama-3-8B ZsRE anchor) and <out>/quality_overlap_T<T>.png.
@@ -46,11 +48,11 @@ from benchmarks.mask_overlap import best_threshold, overlap_distributions, plot_
 from benchmarks.report_paths import repo_relative  # noqa: E402
 from edit_tools.datasets import EditRequest, load_edit_dataset  # noqa: E402
 from edit_tools.editor import run_edit_job  # noqa: E402
-from edit_tools.evaluate import evaluate_edits  # noqa: E402
+from edit_tools.evaluate import edit_rows, evaluate_edits  # noqa: E402
 from edit_tools.hf_model import MemoirHFModel  # noqa: E402
 from edit_tools.hparams import MemoirHyperParams  # noqa: E402
 from vllm_memoir.core import MemoirArtifact  # noqa: E402
-from vllm_memoir.core.tophash import unpack_indices  # noqa: E402
+from vllm_memoir.core.tophash import route_gap, top_two_overlaps, unpack_indices  # noqa: E402
 
 log = logging.getLogger("quality")
 
@@ -63,6 +65,9 @@ TARGETS_T1000 = {"rel": 0.95, "gen": 0.80, "loc": 0.99}
 
 
 ROUTING_KEYS = ("inner_params", "top_k", "irr_threshold", "prompt_feature_agg", "routing_span", "use_chat_template")
+# Margins at which the masks-only routing shares are reported beside a --margins rescoring
+# (cheap: one pass of features; the full evaluation runs only at the --margins given).
+ROUTE_MARGIN_GRID = (0.0, 0.005, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1)
 STEP_SETTINGS = {
     # The reference's step at the reference's defaults (edit_lr 1.0, n_iter 30, weight decay 1e-5 on all of W_m).
     "reference defaults": {"update_rule": "reference"},
@@ -229,20 +234,76 @@ def _fmt(value) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
-def threshold_sweep(model: Path, artifact_dir: Path, data: Path, thresholds: list[float]) -> list[dict]:
-    """Rel/Gen/Loc of a finished artifact at other irr_thresholds (routing changes, the memory does not)."""
+def threshold_sweep(model: Path, artifact_dir: Path, data: Path, thresholds: list[float],
+                    margins: list[float] | None = None) -> list[dict]:
+    """Rel/Gen/Loc of a finished artifact at other irr_thresholds and route_margins (each
+    threshold with each margin; routing changes, the memory does not)."""
     requests = load_edit_dataset(data)
     hf = MemoirHFModel.from_pretrained(model, artifact=artifact_dir)
     rows = []
     for threshold in thresholds:
-        hf.layer.router.irr_threshold = threshold
-        metrics = evaluate_edits(hf, requests)
-        rows.append({"irr_threshold": threshold, "rel": metrics["post"]["rel"], "gen": metrics["post"]["gen"],
-                     "loc": metrics["post"]["loc"], "loc_neighbour": metrics["post"].get("loc_neighbour"),
-                     "routing": metrics["routing"]})
-        log.info("irr_threshold %.3f: Rel %.3f Gen %.3f Loc %.3f (loc routed %.3f)", threshold, rows[-1]["rel"],
-                 rows[-1]["gen"], rows[-1]["loc"], metrics["routing"]["loc_routed"] or 0.0)
+        for margin in margins or [hf.layer.router.route_margin]:
+            hf.layer.router.irr_threshold, hf.layer.router.route_margin = threshold, margin
+            metrics = evaluate_edits(hf, requests)
+            rows.append({"irr_threshold": threshold, "route_margin": margin, "rel": metrics["post"]["rel"],
+                         "gen": metrics["post"]["gen"], "loc": metrics["post"]["loc"],
+                         "loc_neighbour": metrics["post"].get("loc_neighbour"), "routing": metrics["routing"]})
+            log.info("irr_threshold %.3f route_margin %.3f: Rel %.3f Gen %.3f Loc %.3f Loc-neighbour %s "
+                     "(loc routed %.3f)", threshold, margin, rows[-1]["rel"], rows[-1]["gen"], rows[-1]["loc"],
+                     _fmt(rows[-1]["loc_neighbour"]), metrics["routing"]["loc_routed"] or 0.0)
     return rows
+
+
+def route_gaps(hf: MemoirHFModel, artifact: MemoirArtifact, texts: list[str]) -> dict:
+    """Each prompt's best enabled edit, its overlap and its gap to the second best (route_gap),
+    from the artifact's stored masks: what routing at any threshold and margin would see."""
+    router = hf.layer.router
+    features = hf.prompt_features(texts, artifact.manifest.aggregation, artifact.background_mean, batch_size=128)
+    best, row, second = top_two_overlaps(router.query_masks(features), router.masks, router.enabled)
+    return {"best_edit": row, "overlap": best.clamp(min=0).float() / router.top_k,
+            "gap": route_gap(best, second, router.top_k)}
+
+
+def margin_routing(hf: MemoirHFModel, artifact: MemoirArtifact, requests: list[EditRequest],
+                   thresholds: list[float], margins: list[float]) -> dict:
+    """The routing side of route_margin, from masks alone (any artifact, trained or not): the
+    gap distributions of paraphrases (own edit best), unrelated and neighbour prompts, and per
+    (threshold, margin) the share of paraphrases routed to their own edit and of unrelated /
+    neighbour prompts routed to any edit."""
+    own = torch.tensor(edit_rows(artifact, requests))
+    kinds = {"paraphrase": [r.rephrase for r in requests if r.rephrase],
+             "unrelated": [r.loc for r in requests if r.loc],
+             "neighbour": [r.loc_neighbour for r in requests if r.loc_neighbour]}
+    seen = {kind: route_gaps(hf, artifact, texts) for kind, texts in kinds.items() if texts}
+    para = seen["paraphrase"]
+    para_own = para["best_edit"] == own[[i for i, r in enumerate(requests) if r.rephrase]]
+    elsewhere = para["gap"][~para_own]
+    summary = {"gap": {"paraphrase_best_is_own": quantiles(para["gap"][para_own]),
+                       "paraphrase_best_is_other": quantiles(elsewhere) if len(elsewhere) else None,
+                       **{kind: quantiles(seen[kind]["gap"]) for kind in ("unrelated", "neighbour") if kind in seen}},
+               "rows": []}
+    for threshold in thresholds:
+        for margin in margins:
+            routed = {kind: (got["overlap"] >= threshold) & (got["gap"] >= margin) for kind, got in seen.items()}
+            summary["rows"].append({
+                "irr_threshold": threshold, "route_margin": margin,
+                "paraphrase_routed_to_own_edit": round((routed["paraphrase"] & para_own).float().mean().item(), 4),
+                **{f"{kind}_routed": round(routed[kind].float().mean().item(), 4)
+                   for kind in ("unrelated", "neighbour") if kind in routed}})
+    return summary
+
+
+def rescore(row: dict, model: Path, artifact_dir: Path, data: Path, thresholds: list[float],
+            margins: list[float] | None) -> None:
+    """A finished artifact rescored at other routing settings, into its row: `threshold_sweep`
+    (thresholds alone), or with margins `margin_sweep` and the masks-only `margin_routing`."""
+    if not margins:
+        row["threshold_sweep"] = threshold_sweep(model, artifact_dir, data, thresholds)
+        return
+    row["margin_sweep"] = threshold_sweep(model, artifact_dir, data, thresholds, margins)
+    hf = MemoirHFModel.from_pretrained(model, artifact=artifact_dir)
+    grid = sorted(set(margins) | set(ROUTE_MARGIN_GRID))
+    row["margin_routing"] = margin_routing(hf, hf.artifact, load_edit_dataset(data), thresholds, grid)
 
 
 def plot_quality(rows: list[dict], path: Path, title: str) -> None:
@@ -283,8 +344,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--work", type=Path, default=REPO / "runs" / "quality", help="artifacts, one folder per T")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--thresholds", help="comma list: also score the largest T's artifact at these irr_thresholds")
+    parser.add_argument("--margins", help="comma list: also score the largest T's artifact at these route_margins "
+                                          "(with each --thresholds value, or the artifact's irr_threshold)")
     parser.add_argument("--thresholds-only", action="store_true",
-                        help="skip editing: score the existing artifact in <work>/T<largest> at --thresholds, update quality.json")
+                        help="skip editing: score the existing artifact in <work>/T<largest> at --thresholds (and "
+                             "--margins), update quality.json")
     parser.add_argument("--compare-steps", action="store_true",
                         help="run each T with the reference's step defaults and with the default step (the YAML's "
                              "routing keys only); rows go to <out>/quality_steps.json under --label")
@@ -298,7 +362,10 @@ def main(argv: list[str] | None = None) -> None:
     hp = load_hparams(args.hparams, args.set)
     sizes = [int(s) for s in args.sizes.split(",")]
     args.out.mkdir(parents=True, exist_ok=True)
+    margins = [float(m) for m in args.margins.split(",")] if args.margins else None
     thresholds = [float(t) for t in args.thresholds.split(",")] if args.thresholds else []
+    if margins and not thresholds:
+        thresholds = [hp.irr_threshold]
     largest = max(sizes)
     data_for = lambda size: Path(args.data.format(size=size))  # noqa: E731
     limit_for = lambda size: None if "{size}" in args.data else size  # noqa: E731
@@ -310,7 +377,7 @@ def main(argv: list[str] | None = None) -> None:
         path = args.out / "quality.json"
         result = json.loads(path.read_text())
         row = next(r for r in result["rows"] if r["T"] == largest)
-        row["threshold_sweep"] = threshold_sweep(args.model, args.work / f"T{largest}", largest_data, thresholds)
+        rescore(row, args.model, args.work / f"T{largest}", largest_data, thresholds, margins)
         path.write_text(json.dumps(result, indent=2) + "\n")
         return
     rows = []
@@ -319,7 +386,8 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(run_size(args.model, data_for(size), hp, args.work / f"T{size}", limit=limit_for(size),
                              histogram=histogram))
     if thresholds:
-        next(r for r in rows if r["T"] == largest)["threshold_sweep"] = threshold_sweep(args.model, args.work / f"T{largest}", largest_data, thresholds)
+        rescore(next(r for r in rows if r["T"] == largest), args.model, args.work / f"T{largest}", largest_data,
+                thresholds, margins)
     if args.merge and (args.out / "quality.json").exists():
         earlier = json.loads((args.out / "quality.json").read_text())
         if earlier.get("memoir") != hp.to_dict():

@@ -350,7 +350,8 @@ def cmd_inspect(args) -> int:
     print(f"MEMOIR artifact {args.artifact} (format {m.format_version}, version {m.version})")
     print(f"  base model     {m.base_model} (fingerprint {m.base_fingerprint[:16]})")
     print(f"  edited module  {m.module_path}  memory {m.hidden_size}x{m.intermediate_size} {m.dtype}")
-    print(f"  routing        top_k={m.top_k} irr_threshold={m.irr_threshold} aggregation={m.aggregation}")
+    print(f"  routing        top_k={m.top_k} irr_threshold={m.irr_threshold} route_margin={m.route_margin} "
+          f"aggregation={m.aggregation}")
     print(f"  edits          {m.num_edits} ({enabled} enabled); masks {artifact.masks.numel() / 1024:.1f} KiB")
     print(f"  memory norm    {artifact.memory.float().norm():.4f}; columns touched {(artifact.memory != 0).any(0).sum()}")
     job = m.job

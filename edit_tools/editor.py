@@ -53,7 +53,8 @@ logger = logging.getLogger(__name__)
 
 # Hyperparameters the manifest holds in fields of its own: hparams["memoir"] keeps the others,
 # so that no setting is stored twice (and can disagree with itself).
-_MANIFEST_FIELD_KEYS = ("inner_params", "top_k", "irr_threshold", "prompt_feature_agg", "routing_span")
+_MANIFEST_FIELD_KEYS = ("inner_params", "top_k", "irr_threshold", "prompt_feature_agg", "routing_span",
+                       "route_margin")
 
 
 class EditJobError(RuntimeError):
@@ -93,6 +94,7 @@ def new_artifact(hf: MemoirHFModel, hp: MemoirHyperParams, model_id: str, reques
         dtype="float32",
         top_k=hp.top_k,
         irr_threshold=hp.irr_threshold,
+        route_margin=hp.route_margin,
         aggregation=hp.prompt_feature_agg,
         hparams={"memoir": {k: v for k, v in hp.to_dict().items() if k not in _MANIFEST_FIELD_KEYS},
                  "context_templates": templates},
@@ -157,7 +159,7 @@ def _check_compatible(artifact: MemoirArtifact, hp: MemoirHyperParams, where: Pa
     """The settings that must agree between an artifact and a job that extends it."""
     m = artifact.manifest
     stored = {"routing_span": m.routing_span, "module_path": m.module_path, "top_k": m.top_k,
-              "irr_threshold": m.irr_threshold, "prompt_feature_agg": m.aggregation,
+              "irr_threshold": m.irr_threshold, "route_margin": m.route_margin, "prompt_feature_agg": m.aggregation,
               "use_chat_template": m.hparams.get("memoir", {}).get("use_chat_template", False)}
     for key, value in stored.items():
         if value != getattr(hp, key):

@@ -32,7 +32,7 @@ def _perplexity(row: ScoredRow) -> float:
     return math.exp(-mean(row.target_logprobs))
 
 
-def _edit_rows(artifact: MemoirArtifact, requests: list[EditRequest]) -> list[int]:
+def edit_rows(artifact: MemoirArtifact, requests: list[EditRequest]) -> list[int]:
     """Each request's row in the artifact (by prompt and target), NO_ROUTE when absent."""
     index = {(e.prompt, e.target): row for row, e in enumerate(artifact.edits)}
     return [index.get((r.prompt, r.target), NO_ROUTE) for r in requests]
@@ -95,7 +95,7 @@ def score_block(hf: MemoirHFModel, requests: list[EditRequest]) -> list[RequestS
                       prompt_overlap=decision.overlap,
                       ppl_pre=_perplexity(before) if hallucination else None,
                       ppl_post=_perplexity(after) if hallucination else None)
-        for row, before, after, decision in zip(_edit_rows(hf.artifact, requests), pre["rel"], post["rel"], prompt_routes)
+        for row, before, after, decision in zip(edit_rows(hf.artifact, requests), pre["rel"], post["rel"], prompt_routes)
     ]
     for j, i in enumerate(with_rephrase):
         scores[i].gen_pre, scores[i].gen_post = pre["gen"][j].accuracy, post["gen"][j].accuracy

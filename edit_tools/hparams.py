@@ -92,6 +92,13 @@ class MemoirHyperParams:
     # of their covariance whose eigenvalue is above this share of the largest. Lower protects
     # more of the earlier edits and leaves this edit less room (a low value can keep it from taking).
     null_space_threshold: float = 1e-2
+    # Routing with a second check (issue 13 part 3): a prompt takes its best edit only when that
+    # edit's mask overlap beats the second-best enabled edit's by at least this much (overlap
+    # units, as irr_threshold: 0.02 = 2% of top_k bits; with one edit stored the second is 0).
+    # Stored in the artifact's manifest, so the server routes the same way. 0.0 (default): no
+    # such check, the reference's rule. A prompt whose best edit barely beats another (an
+    # unrelated or neighbour prompt near several edits of its template) then stays unrouted.
+    route_margin: float = 0.0
 
     def __post_init__(self) -> None:
         # Where each value came from, for error messages; not a hyperparameter (asdict skips it).
@@ -212,6 +219,7 @@ class MemoirHyperParams:
         self._number("adaptive_step_limit", 0)
         self._number("null_space_threshold", 0, 1, low_open=True)
         self._number("irr_threshold", 0, 1)
+        self._number("route_margin", 0, 1)
         self._number("weight_decay", 0)
         self._number("grad_clip", 0, low_open=True)
         self._number("early_stop_delta", 0)

@@ -270,6 +270,152 @@ def test_old_manifests_with_the_job_in_hparams_read_and_resume(tmp_path):
     assert written["job"]["done"] == 2 and "job" not in written["hparams"]
 
 
+# --- a version with new records and the same tensors (persisted enable/disable) ------------------
+
+def _flag_version(path, row=1):
+    """save_edit_records of the artifact in `path` with row `row` turned off."""
+    from vllm_memoir.core.artifact import load_edit_records, save_edit_records
+
+    manifest = read_manifest(path)
+    records = load_edit_records(path, manifest)
+    records.set_enabled(row, False)
+    return manifest, save_edit_records(path, manifest, records)
+
+
+def test_a_records_version_keeps_the_tensors_file_and_loads_whole(tmp_path):
+    save_artifact(make_artifact(), tmp_path)
+    tensors = _tensor_file(tmp_path)
+    inode, mtime = tensors.stat().st_ino, tensors.stat().st_mtime_ns
+    before, written = _flag_version(tmp_path)
+    assert written == read_manifest(tmp_path) and written.version == 2 and before.version == 1
+    assert written.files[tensors.name] == before.files[tensors.name] and "edits-v2.jsonl" in written.files
+    assert (tensors.stat().st_ino, tensors.stat().st_mtime_ns) == (inode, mtime)  # not rewritten
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["edits-v2.jsonl", "manifest.json", tensors.name]
+    back = load_artifact(tmp_path)  # every checksum checked: the new records' and the kept tensors'
+    assert [e.enabled for e in back.edits] == [True, False, True] and back.manifest.version == 2
+    assert torch.equal(back.masks, make_artifact().masks)
+    _, again = _flag_version(tmp_path, row=2)  # and again: version 3 over the same tensors file
+    assert again.version == 3 and set(again.files) == {tensors.name, "edits-v3.jsonl"}
+    assert [e.enabled for e in load_artifact(tmp_path).edits] == [True, False, False]
+    save_artifact(load_artifact(tmp_path), tmp_path)  # a full save after it writes its own tensors
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["edits-v4.jsonl", "manifest.json", "memoir-v4.safetensors"]
+
+
+def test_a_records_version_is_checked_like_any_other(tmp_path):
+    """The kept tensors file is still checked against the manifest's sha256 when loaded."""
+    save_artifact(make_artifact(), tmp_path)
+    _flag_version(tmp_path)
+    _tensor_file(tmp_path).write_bytes(_tensor_file(tmp_path).read_bytes()[:-100])
+    with pytest.raises(ArtifactError, match=r"memoir-v1\.safetensors: checksum mismatch"):
+        load_artifact(tmp_path)
+
+
+def _refusal_cases():
+    import dataclasses
+
+    return {
+        "disk-moved-on": (lambda path, manifest, records: (save_artifact(make_artifact(), path), manifest, records)[1:],
+                          r"version 2 on disk is not the version 1 the records were read from"),
+        "record-count": (lambda path, manifest, records: (manifest, records[:2]), r"2 edit records for 3 masks"),
+        "unfinished-job": (lambda path, manifest, records: (dataclasses.replace(
+            manifest, job={"data_sha256": "d", "first_row": 0, "done": 1, "total": 3}), records),
+            r"version 1 on disk is not"),
+    }
+
+
+@pytest.mark.parametrize("case", sorted(_refusal_cases()))
+def test_a_refused_records_version_writes_nothing(tmp_path, case):
+    from vllm_memoir.core.artifact import load_edit_records, save_edit_records
+
+    mutate, message = _refusal_cases()[case]
+    save_artifact(make_artifact(), tmp_path)
+    manifest = read_manifest(tmp_path)
+    manifest_arg, records = mutate(tmp_path, manifest, load_edit_records(tmp_path, manifest))
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(ArtifactError, match=message):
+        save_edit_records(tmp_path, manifest_arg, records)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_a_records_version_of_an_unfinished_job_is_refused(tmp_path):
+    from vllm_memoir.core.artifact import load_edit_records, save_edit_records
+
+    art = make_artifact()
+    art.manifest.job = {"data_sha256": "d", "first_row": 0, "done": 3, "total": 6}
+    save_artifact(art, tmp_path)
+    manifest = read_manifest(tmp_path)
+    with pytest.raises(ArtifactError, match="checkpoint of an unfinished edit job"):
+        save_edit_records(tmp_path, manifest, load_edit_records(tmp_path, manifest))
+
+
+def test_a_failed_records_version_keeps_the_previous_one(tmp_path, monkeypatch):
+    """The disk fills while the manifest is written: version 1 stays whole, no new file is left."""
+    from vllm_memoir.core.artifact import load_edit_records, save_edit_records
+
+    save_artifact(make_artifact(), tmp_path)
+    manifest = read_manifest(tmp_path)
+    records = load_edit_records(tmp_path, manifest)
+    records.set_enabled(0, False)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    write_atomic = artifact_module.write_atomic
+
+    def full_at_the_manifest(path, write):
+        if path.name == "manifest.json":
+            raise OSError("No space left on device")
+        write_atomic(path, write)
+    monkeypatch.setattr(artifact_module, "write_atomic", full_at_the_manifest)
+    with pytest.raises(OSError, match="No space"):
+        save_edit_records(tmp_path, manifest, records)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    assert load_artifact(tmp_path).manifest.version == 1
+
+
+def test_records_are_read_against_their_checksum(tmp_path):
+    from vllm_memoir.core.artifact import load_edit_records
+
+    save_artifact(make_artifact(), tmp_path)
+    manifest = read_manifest(tmp_path)
+    assert [e.edit_id for e in load_edit_records(tmp_path, manifest)] == [0, 1, 2]
+    edits = next(tmp_path.glob("edits-v*.jsonl"))
+    edits.write_text(edits.read_text().replace('"enabled": true', '"enabled": false', 1))
+    with pytest.raises(ArtifactError, match=r"edits-v1\.jsonl: checksum mismatch"):
+        load_edit_records(tmp_path, manifest)
+    edits.unlink()
+    with pytest.raises(ArtifactError, match=r"edits-v1\.jsonl: missing"):
+        load_edit_records(tmp_path, manifest)
+
+
+# --- the load: checksums beside the rest, and the cheaper checks ----------------------------------
+
+def test_a_damaged_file_is_reported_as_such_whatever_else_fails(tmp_path):
+    """The tensors file is hashed while the rest is read: a bad checksum is still the error, not
+    what reading the damaged file raised first."""
+    save_artifact(make_artifact(), tmp_path)
+    edits = next(tmp_path.glob("edits-v*.jsonl"))
+    edits.write_text(edits.read_text() + "{oops\n")  # unreadable and not the file the manifest hashed
+    with pytest.raises(ArtifactError, match=r"edits-v1\.jsonl: checksum mismatch"):
+        load_artifact(tmp_path)
+    save_artifact(make_artifact(), tmp_path / "b")
+    tensors = _tensor_file(tmp_path / "b")
+    tensors.write_bytes(b"\x00" * 16)  # not safetensors either
+    with pytest.raises(ArtifactError, match=r"memoir-v1\.safetensors: checksum mismatch"):
+        load_artifact(tmp_path / "b")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_finiteness_check_finds_every_nan_and_inf(dtype, monkeypatch):
+    monkeypatch.setattr(artifact_module, "_FINITE_BLOCK", 1000)  # several blocks
+    values = torch.randn(37, 301).to(dtype)
+    values[5, 5] = torch.finfo(dtype).max
+    assert artifact_module._all_finite(values) and artifact_module._all_finite(values[:, ::3])
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        for at in ((0, 0), (36, 300), (20, 17)):
+            broken = values.clone()
+            broken[at] = bad
+            assert not artifact_module._all_finite(broken), (bad, at)
+            assert not artifact_module._all_finite(broken.t())  # not contiguous
+
+
 # --- file modes -----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("umask", [0o022, 0o027])

@@ -89,6 +89,27 @@ def test_a_record_read_from_the_store_writes_its_changes_back():
         store.edit_ids[0] = 9  # the columns are read-only views
 
 
+@pytest.mark.parametrize("rows", [(), (0,), (4,), (0, 4), (1, 2), (0, 1, 2, 3, 4)])
+@pytest.mark.parametrize("trailing_newline", [True, False])
+def test_a_store_with_rewritten_rows_writes_the_lines_a_list_would(rows, trailing_newline):
+    """to_jsonl copies the text in runs between rewritten rows: first, last, neighbours, all,
+    and a file whose last line has no newline."""
+    listed = records(5)
+    text = jsonl(listed)
+    store = edit_records_from_jsonl(text if trailing_newline else text[:-1], "edits")
+    for row in rows:
+        store.set_enabled(row, False)
+        listed[row].enabled = False
+    assert store.to_jsonl() == jsonl(listed)
+    store.set_enabled(0, True)  # and back: the rewritten line is the record's
+    listed[0].enabled = True
+    assert store.to_jsonl() == jsonl(listed)
+    assert EditRecords.from_records([]).to_jsonl() == b""
+    single = EditRecords.from_records([])
+    single.append(listed[0])
+    assert single.to_jsonl() == jsonl(listed[:1])
+
+
 def test_append_item_assignment_and_lookups():
     store = EditRecords.from_records([EditRecord(edit_id=i, prompt="p", target="t") for i in (5, 3, 9)])
     assert store.rows_of(np.array([3, 9, 4, 5])).tolist() == [1, 2, -1, 0]

@@ -177,6 +177,21 @@ class FakeWorkers:
         record.enabled = enabled
         return {"edit_id": edit_id, "enabled": enabled}
 
+    def memoir_flags(self, edit_id: int) -> dict:
+        from vllm_memoir.core.edit_records import EditRecords
+        from vllm_memoir.live_edits import served_flags
+
+        {e.edit_id: e for e in self.artifact.edits}[edit_id]  # KeyError: not served
+        return served_flags(self.path, self.artifact.manifest, EditRecords.of(self.artifact.edits))
+
+    def memoir_adopt_flags(self, previous_version: int, manifest: dict, edit_id: int, enabled: bool) -> dict:
+        from vllm_memoir.live_edits import flags_version
+
+        written = flags_version(self.artifact.manifest, previous_version, manifest)  # checked before any change
+        self.memoir_set_enabled(edit_id, enabled)
+        self.artifact.manifest = written
+        return self.memoir_state(with_edits=False)
+
 
 def _run(coro, timeout: float = 30.0):
     import asyncio
@@ -218,7 +233,7 @@ def test_refused_persist_changes_nothing(tmp_path, enable):
     with pytest.raises(EditControlError) as info:
         _run(control.set_enabled(1, enable, persist=True))
     assert info.value.status == 409 and "version 2 on disk" in str(info.value) and "\n" not in str(info.value)
-    assert workers.calls[first_call:] == ["memoir_state"]  # read what is served; nothing flipped or swapped
+    assert workers.calls[first_call:] == ["memoir_flags"]  # read what is served; nothing flipped or swapped
     assert _run(control.state()) == before  # edit 1 keeps its flag; same version and content
     assert _snapshot(path) == on_disk
 
@@ -258,17 +273,112 @@ def test_persist_writes_then_serves_the_new_version(tmp_path):
 
     path, workers = _served_artifact(tmp_path / "art")
     control = EditControl(workers)
+    tensors = next(path.glob("memoir-v*.safetensors"))
+    tensors_sha, tensors_inode = read_manifest(path).files[tensors.name], tensors.stat().st_ino
     with pytest.raises(EditControlError, match="no edit with id 99") as info:
         _run(control.set_enabled(99, False, persist=True))
     assert info.value.status == 404 and read_manifest(path).version == 1
 
     answer = _run(control.set_enabled(1, False, persist=True))
     assert answer["persisted"]["version"] == 2 == read_manifest(path).version
+    assert answer["persisted"]["previous_version"] == 1 and answer["persisted"]["num_edits"] == 3
     assert [e.enabled for e in load_artifact(path).edits] == [True, False, True]
     state = _run(control.state())
     assert state["version"] == 2 and [e["enabled"] for e in state["edits"]] == [True, False, True]
-    # Served by a swap of the written version, never by a flip in place before the write.
-    assert "memoir_set_enabled" not in workers.calls and "memoir_commit" in workers.calls
+    # Served by flipping the flag in the workers after the write: no swap, no load, no listing.
+    assert {"memoir_prepare", "memoir_commit", "pause"}.isdisjoint(workers.calls)
+    assert workers.calls.index("memoir_flags") < workers.calls.index("memoir_adopt_flags")
+    # The new version names the same tensors file, not rewritten; the old edits file is gone.
+    manifest = read_manifest(path)
+    assert manifest.files == {tensors.name: tensors_sha, "edits-v2.jsonl": manifest.files["edits-v2.jsonl"]}
+    assert tensors.stat().st_ino == tensors_inode
+    assert sorted(p.name for p in path.iterdir()) == ["edits-v2.jsonl", "manifest.json", tensors.name]
+
+    # A flag changed in memory only is written too, by the next persisted change.
+    _run(control.set_enabled(2, False, persist=False))
+    answer = _run(control.set_enabled(1, True, persist=True))
+    assert answer["persisted"]["version"] == 3 == read_manifest(path).version
+    assert [e.enabled for e in load_artifact(path).edits] == [True, True, False]
+    assert [e["enabled"] for e in _run(control.state())["edits"]] == [True, True, False]
+
+
+def test_a_persist_the_disk_refuses_changes_nothing(tmp_path, monkeypatch):
+    """The disk fills while the new version is written: 409, version 1 on disk as it was, and the
+    flag is not flipped in the workers."""
+    from vllm_memoir.core import artifact as artifact_module
+    from vllm_memoir.edit_control import EditControl, EditControlError
+
+    path, workers = _served_artifact(tmp_path / "art")
+    control = EditControl(workers)
+    before, on_disk = _run(control.state()), _snapshot(path)
+
+    def full(path, write):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(artifact_module, "write_atomic", full)
+    with pytest.raises(EditControlError, match="cannot persist into .*No space left on device") as info:
+        _run(control.set_enabled(1, False, persist=True))
+    assert info.value.status == 409 and "memoir_adopt_flags" not in workers.calls
+    assert _run(control.state()) == before and _snapshot(path) == on_disk
+
+
+def test_a_persisted_version_swaps_in_and_extends_like_any_other(tmp_path):
+    """The flag version (tensors file of version 1, manifest of version 2) loads, swaps in, and a
+    later full save (an append) writes its own tensors file and drops the shared one."""
+    from vllm_memoir.core import load_artifact, save_artifact
+    from vllm_memoir.edit_control import EditControl
+
+    path, workers = _served_artifact(tmp_path / "art")
+    control = EditControl(workers)
+    _run(control.set_enabled(0, False, persist=True))
+    assert set(read_manifest(path).files) == {"memoir-v1.safetensors", "edits-v2.jsonl"}
+    assert _run(control.swap(path))["version"] == 2
+    artifact = load_artifact(path)
+    assert [e.enabled for e in artifact.edits] == [False, True, True]
+    save_artifact(artifact, path)
+    assert set(read_manifest(path).files) == {"memoir-v3.safetensors", "edits-v3.jsonl"}
+    assert sorted(p.name for p in path.iterdir()) == ["edits-v3.jsonl", "manifest.json", "memoir-v3.safetensors"]
+    assert [e.enabled for e in load_artifact(path).edits] == [False, True, True]
+
+
+def test_a_flag_version_the_workers_cannot_serve_changes_nothing_served(tmp_path):
+    """Written, then refused by the workers (they serve another version by then): nothing served
+    changes, and the message says where the flags are."""
+    from vllm_memoir.edit_control import EditControl, EditControlError
+
+    path, workers = _served_artifact(tmp_path / "art")
+    control = EditControl(workers)
+    flags = workers.memoir_flags
+
+    def flags_then_another_version(edit_id):
+        answer = flags(edit_id)
+        workers.artifact.manifest.version = 7  # a swap elsewhere, between the read and the flip
+        return answer
+    workers.memoir_flags = flags_then_another_version
+    with pytest.raises(EditControlError, match="serves version 7, the flags were written over version 1") as info:
+        _run(control.set_enabled(1, False, persist=True))
+    assert info.value.status == 422 and "the flags are saved in" in str(info.value)
+    assert read_manifest(path).version == 2  # on disk, as the message says
+    assert all(e["enabled"] for e in _run(control.state())["edits"]) and _run(control.summary())["version"] == 7
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"version": 1}, "not newer than the served version 1"),
+    ({"top_k": 5}, "not version 1 with other flags"),
+    ({"files": {"memoir-v2.safetensors": "0" * 64, "edits-v2.jsonl": "0" * 64}}, "not version 1 with other flags"),
+    ({"format_version": 9}, "unknown format_version 9"),
+], ids=["same-version", "other-settings", "other-tensors", "bad-manifest"])
+def test_workers_refuse_a_manifest_that_is_not_the_served_one_with_other_flags(change, message):
+    import dataclasses
+
+    from vllm_memoir.live_edits import LiveEditError, flags_version
+
+    served = make_artifact(3).manifest
+    served.version, served.files = 1, {"memoir-v1.safetensors": "a" * 64, "edits-v1.jsonl": "b" * 64}
+    written = {**dataclasses.asdict(served), "version": 2, "files": {"memoir-v1.safetensors": "a" * 64,
+                                                                     "edits-v2.jsonl": "c" * 64}}
+    assert flags_version(served, 1, written).version == 2
+    with pytest.raises(LiveEditError, match=message):
+        flags_version(served, 1, {**written, **change})
 
 
 def _bad_paths(root: Path) -> dict[str, tuple[str, str]]:

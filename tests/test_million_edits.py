@@ -31,7 +31,8 @@ def test_benchmark_reports_every_number_at_a_small_size(tmp_path):
     masks_bytes = 1500 * packed_width(1024)
     assert row["file_bytes"]["memoir"] > masks_bytes + 128 * 1024 * 4
     assert row["disk_bytes"] == sum(row["file_bytes"].values())
-    assert row["load_peak_rss_bytes"] > 0
+    assert row["load_peak_rss_bytes"] > 0 and len(row["load_average_1min"]) == 2
+    assert {"persisted_enable_seconds", "persisted_disable_write_seconds"} <= set(seconds)
     assert not (tmp_path / "work" / "facts-1500").exists()  # the scratch artifact is removed
 
 

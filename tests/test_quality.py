@@ -90,3 +90,36 @@ def test_t10_with_the_default_edit_step(tmp_path):
     assert row["took"]["share"] == 1.0 and row["took"]["mean_steps"] <= 20
     assert row["rel"] >= 0.9 and row["own_mask"]["rel"] >= 0.9
     assert row["loc"] >= 0.99 and row["loc_neighbour"] >= 0.9
+
+
+MARGIN = 0.08  # route_margin for the checks below (overlap units)
+
+
+@pytest.fixture(scope="module")
+def margin_sweep(row, work):
+    # Threshold 0 routes every prompt to its best edit; the margin alone must then tell them apart.
+    return quality.threshold_sweep(quality.DEFAULT_MODEL, work / "T10", DATA, [0.0], [0.0, MARGIN])
+
+
+def test_t10_route_margin_keeps_unrelated_prompts_off_the_edits(margin_sweep):
+    # Measured gaps between the best and second-best edit's overlap on this slice: edit prompts
+    # 0.31-0.35, paraphrases 0.06-0.26 (0.125 and up for the nine routed at 0.79), unrelated and
+    # neighbour prompts 0.00-0.06. Without a margin every one of them takes an edit.
+    no_margin, margin = margin_sweep
+    assert no_margin["route_margin"] == 0.0 and margin["route_margin"] == MARGIN
+    assert no_margin["routing"]["loc_routed"] == 1.0 and no_margin["routing"]["loc_neighbour_routed"] == 1.0
+    assert margin["routing"]["loc_routed"] <= 0.1 and margin["routing"]["loc_neighbour_routed"] <= 0.1
+    assert margin["loc"] >= 0.99 and margin["loc_neighbour"] >= 0.9
+    # What the margin must not take away: every edit prompt, and the paraphrases that stand out.
+    assert margin["routing"]["prompt_routed_to_own_edit"] == 1.0 and margin["rel"] == no_margin["rel"]
+    assert margin["routing"]["rephrase_routed_to_own_edit"] >= 0.8 and margin["gen"] >= 0.6
+
+
+def test_t10_route_margin_set_for_the_job_is_stored_and_served(margin_sweep, tmp_path):
+    # The hyperparameter goes into the manifest, and the artifact then routes as the rescoring
+    # at that margin did (routing depends on the masks only, the same for both jobs).
+    torch.set_num_threads(2)
+    hp = quality.load_hparams(quality.DEFAULT_HPARAMS, ["irr_threshold=0.0", f"route_margin={MARGIN}"])
+    row = quality.run_size(quality.DEFAULT_MODEL, DATA, hp, tmp_path / "T10")
+    assert load_artifact(tmp_path / "T10").manifest.route_margin == MARGIN
+    assert row["routing"] == margin_sweep[1]["routing"]

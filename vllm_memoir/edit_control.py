@@ -8,13 +8,17 @@ edits, while serving continues; polled with `prepared`), then pause the engine i
 none fails. Enable/disable need no drain: the rows keep their meaning, so running requests
 keep their route and new ones re-route. One change at a time (a lock); the HTTP layer
 (admin_api) maps EditControlError to a status. Every refusal leaves the served edits as they
-were: a persisted enable/disable is written to disk first and served by a swap, never
-flipped in place before the write is known to succeed.
+were: a persisted enable/disable is written to disk first and served after, never flipped
+in place before the write is known to succeed. It is written as a version that keeps the
+tensors file (a new edits file and manifest only) and served by flipping the flag in the
+workers' memory and relabelling their version, not by a swap: its cost is the records file's,
+not a listing of every edit, a tensor rewrite and a load.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import time
@@ -24,8 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from vllm_memoir.core import ArtifactError, load_artifact, read_manifest, save_artifact
-from vllm_memoir.core.artifact import shown_path, unfinished_job
+from vllm_memoir.core import ArtifactError, ArtifactManifest, read_manifest
+from vllm_memoir.core.artifact import load_edit_records, save_edit_records, shown_path, unfinished_job
 from vllm_memoir.core.edit_records import EditRecords
 from vllm_memoir.validation import artifact_sha256
 
@@ -144,18 +148,48 @@ class EditControl:
     async def set_enabled(self, edit_id: int, enabled: bool, persist: bool) -> dict[str, Any]:
         """Turn one edit on or off; with `persist`, as a new artifact version that is then served.
 
-        A persisted change is not flipped in place: the new version is written first (refused,
-        409, when the artifact on disk is not the served one) and then swapped in, so a refusal
-        at any step leaves the served edits as they were.
+        A persisted change is written first (refused, 409, when the artifact on disk is not the
+        served one), as a version with the served flags and this change and the same tensors
+        file; then every worker flips the flag and takes the new version's manifest (refused
+        unless it serves the version the change was written over, with the same tensors). A
+        refusal before the write leaves everything as it was; one after it leaves the served
+        edits as they were and says that the new version is on disk.
         """
         async with self._lock:
             answer: dict[str, Any] = {"edit_id": edit_id, "enabled": enabled}
             if not persist:
                 await self._on_workers("memoir_set_enabled", edit_id, enabled)
                 return answer
-            path = await persist_enabled_flags(await self.state(), {edit_id: enabled})
-            answer["persisted"] = await swap_persisted(self._swap, path)
+            answer["persisted"] = await self._persist_flag(edit_id, enabled)
             return answer
+
+    async def _persist_flag(self, edit_id: int, enabled: bool) -> dict[str, Any]:
+        """Write the served flags with this change as the next version, then have every worker
+        flip the flag and take that version's manifest (set_enabled; the lock is held)."""
+        started = time.perf_counter()
+        served = await self._served_flags(edit_id)
+        written = await write_flags_version(served, {edit_id: enabled})
+        wrote = time.perf_counter()
+        try:
+            answers = await self._on_workers("memoir_adopt_flags", served["version"], dataclasses.asdict(written),
+                                             edit_id, enabled)
+        except EditControlError as exc:
+            raise EditControlError(exc.status, f"{exc} ({_saved_note(Path(served['path']))})") from exc
+        flipped = time.perf_counter()
+        logger.info("MEMOIR: edit %d %s and persisted as %s version %d (was %d; write %.2f s, flip %.3f s)",
+                    edit_id, "enabled" if enabled else "disabled", served["path"], written.version,
+                    served["version"], wrote - started, flipped - wrote)
+        return {"path": served["path"], "version": answers[0]["version"], "num_edits": answers[0]["num_edits"],
+                "previous_version": served["version"], "write_seconds": round(wrote - started, 4),
+                "flip_seconds": round(flipped - wrote, 4)}
+
+    async def _served_flags(self, edit_id: int) -> dict[str, Any]:
+        """Rank 0's served version, manifest and disabled rows (404 when `edit_id` is not served)."""
+        answers = await self._on_workers("memoir_flags", edit_id)
+        if len({a["version"] for a in answers}) != 1:  # cannot happen through this controller; say so if it does
+            raise EditControlError(500, f"tensor-parallel ranks serve different artifact versions "
+                                        f"{sorted({a['version'] for a in answers})}")
+        return next(a for a in answers if a.get("tp_rank", 0) == 0)
 
     async def _swap(self, path: Path) -> dict[str, Any]:
         return await self.commit_swap(await self.prepare_swap(path))
@@ -225,15 +259,47 @@ def _chunk(limit: int | None) -> int:
     return LISTING_CHUNK if limit is None else min(limit, LISTING_CHUNK)
 
 
+async def write_flags_version(served: dict[str, Any], changes: dict[int, bool]) -> ArtifactManifest:
+    """Write the served flags with `changes` ({edit_id: enabled}) applied into the served
+    artifact as its next version, keeping its tensors file; returns the new manifest. `served`
+    is a worker's `memoir_flags` answer: path, version, manifest (as JSON) and disabled_rows.
+
+    Reads only the manifest and the edits file (its sha256 checked): the rows on disk are the
+    served rows, since the manifest on disk names the same files, with the same sha256, as the
+    served one. Refused, with nothing written: 409 when it does not (another version was
+    written meanwhile, or another checkpoint of a job with the same version), so a newer
+    version is never overwritten with stale flags, or when an edit job is still checkpointing
+    into it; 404 for an edit id that is not served.
+    """
+    path = Path(served["path"])
+
+    def write() -> ArtifactManifest:
+        served_manifest = ArtifactManifest.from_json(served["manifest"], "the served manifest")
+        on_disk = _served_on_disk(path, served["version"], artifact_sha256(served_manifest), served_manifest.files)
+        records = load_edit_records(path, on_disk)
+        wanted = np.ones(len(records), dtype=bool)
+        wanted[np.asarray(served["disabled_rows"], dtype=np.int64)] = False
+        ids = np.fromiter(changes, np.int64, len(changes))
+        rows = records.rows_of(ids)
+        if (rows < 0).any():
+            raise EditControlError(404, f"no edit with id {int(ids[rows < 0][0])} in the served artifact "
+                                        f"(version {served['version']})")
+        wanted[rows] = np.fromiter(changes.values(), bool, len(changes))
+        set_enabled_rows(records, wanted)
+        return save_edit_records(path, on_disk, records)
+
+    return await _write_refusing_409(path, write)
+
+
 async def persist_enabled_flags(served: dict[str, Any], changes: dict[int, bool]) -> Path:
     """Save the served edits' enabled flags (a `state()` answer: path, version, edits), with
-    `changes` ({edit_id: enabled}) applied, into the served artifact as its next version;
-    returns the artifact's path. Nothing is served differently yet (swap_persisted does that).
+    `changes` ({edit_id: enabled}) applied, into the served artifact as its next version, which
+    keeps the tensors file; returns the artifact's path. Nothing is served differently yet
+    (swap_persisted does that). For a caller that has the whole listing (Ray Serve's replicas);
+    EditControl asks its workers for the disabled rows instead (write_flags_version).
 
-    Refused, with nothing written: 404 for an edit id that is not served; 409 when the
-    artifact on disk is not the served one (another version, or another checkpoint of a job
-    with the same version), so a newer version written meanwhile is never overwritten with
-    stale flags, or when an edit job is still checkpointing into it.
+    Refused, with nothing written: 404 for an edit id that is not served; 409 as
+    write_flags_version.
     """
     path, served_version = Path(served["path"]), served["version"]
     flags = {e["edit_id"]: e["enabled"] for e in served["edits"]}
@@ -242,27 +308,46 @@ async def persist_enabled_flags(served: dict[str, Any], changes: dict[int, bool]
         raise EditControlError(404, f"no edit with id {unknown[0]} in the served artifact (version {served_version})")
     flags.update(changes)
 
-    def write() -> None:
-        artifact = load_artifact(path)
-        on_disk = artifact.manifest
-        served_sha = served.get("artifact_sha256")
-        if on_disk.version != served_version or (served_sha is not None and artifact_sha256(on_disk) != served_sha):
-            raise EditControlError(409, f"{shown_path(path)} is at version {on_disk.version} on disk (memory sha256 "
-                                        f"{artifact_sha256(on_disk)[:12]}) but the server serves version "
-                                        f"{served_version} ({(served_sha or '?')[:12]}); POST the artifact first")
-        job = unfinished_job(on_disk.job)
-        if job is not None:
-            raise EditControlError(409, f"{shown_path(path)} is a checkpoint of an edit job ({job['done']} of "
-                                        f"{job['total']} edits done): persist once the job has finished")
-        apply_enabled_flags(artifact.edits, flags)
-        save_artifact(artifact, path)
+    def write() -> Path:
+        on_disk = _served_on_disk(path, served_version, served.get("artifact_sha256"), None)
+        records = load_edit_records(path, on_disk)
+        apply_enabled_flags(records, flags)
+        save_edit_records(path, on_disk, records)
+        return path
 
+    return await _write_refusing_409(path, write)
+
+
+def _served_on_disk(path: Path, served_version: int, served_sha: str | None,
+                    served_files: dict[str, str] | None) -> ArtifactManifest:
+    """The manifest on disk, when it is the served version (else 409) and no job checkpoints into it."""
+    on_disk = read_manifest(path)
+    if on_disk.version != served_version or (served_sha is not None and artifact_sha256(on_disk) != served_sha) \
+            or (served_files is not None and on_disk.files != served_files):
+        raise EditControlError(409, f"{shown_path(path)} is at version {on_disk.version} on disk (memory sha256 "
+                                    f"{artifact_sha256(on_disk)[:12]}) but the server serves version "
+                                    f"{served_version} ({(served_sha or '?')[:12]}); POST the artifact first")
+    job = unfinished_job(on_disk.job)
+    if job is not None:
+        raise EditControlError(409, f"{shown_path(path)} is a checkpoint of an edit job ({job['done']} of "
+                                    f"{job['total']} edits done): persist once the job has finished")
+    return on_disk
+
+
+async def _write_refusing_409(path: Path, write):
+    """Run `write` on a thread; a refusal of the files (ArtifactError, OSError) is a 409."""
     try:
-        await asyncio.to_thread(write)
+        return await asyncio.to_thread(write)
     except (ArtifactError, OSError) as exc:
         reason = exc if isinstance(exc, ArtifactError) else (exc.strerror or exc)
         raise EditControlError(409, f"cannot persist into {shown_path(path)}: {reason}") from exc
-    return path
+
+
+def set_enabled_rows(records: EditRecords, wanted: np.ndarray) -> None:
+    """Give every row the flag `wanted` ([N] bool) gives it; only the rows that change are
+    rewritten."""
+    for row in np.flatnonzero(records.enabled != wanted).tolist():
+        records.set_enabled(row, bool(wanted[row]))
 
 
 def apply_enabled_flags(edits: EditRecords | list, flags: dict[int, bool]) -> None:
@@ -286,5 +371,8 @@ async def swap_persisted(swap, path: Path) -> dict[str, Any]:
     try:
         return await swap(path)
     except EditControlError as exc:
-        raise EditControlError(exc.status, f"{exc} (the flags are saved in {shown_path(path)} as its newest "
-                                           "version; POST the artifact to serve them)") from exc
+        raise EditControlError(exc.status, f"{exc} ({_saved_note(path)})") from exc
+
+
+def _saved_note(path: Path) -> str:
+    return f"the flags are saved in {shown_path(path)} as its newest version; POST the artifact to serve them"

@@ -11,16 +11,18 @@ controller in the API server (edit_control) drains in-flight requests before `co
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from vllm_memoir.routing import requests as request_routes
-from vllm_memoir.core import NO_ROUTE
+from vllm_memoir.core import NO_ROUTE, ArtifactManifest
 from vllm_memoir.core.edit_records import EditRecords
 from vllm_memoir.routing.layer import MemoirDownProj, StagedEdits
 from vllm_memoir.validation import MemoirConfigError, artifact_sha256
@@ -57,6 +59,35 @@ def listed_edits(records: EditRecords, start: int, end: int, route_counts: Mappi
         listed.append({"edit_id": edit_id, "prompt": str(obj["prompt"]), "target": str(obj["target"]),
                        "enabled": bool(obj.get("enabled", True)), "routed_requests": route_counts.get(edit_id, 0)})
     return listed
+
+
+def served_flags(path: Path, manifest: ArtifactManifest, records: EditRecords) -> dict[str, Any]:
+    """What a persisted flag change is written from: the served version, its manifest (as JSON)
+    and the rows that are off (few, as a rule; one bool pass over the flags, no record parsed)."""
+    return {"path": str(path), "version": manifest.version, "manifest": dataclasses.asdict(manifest),
+            "disabled_rows": np.flatnonzero(~records.enabled).tolist()}
+
+
+def flags_version(served: ArtifactManifest, previous_version: int, manifest_json: dict[str, Any]) -> ArtifactManifest:
+    """The manifest of a version written from the served one with other enabled flags
+    (edit_control.write_flags_version), checked to be that: written over the served version,
+    and the same artifact but for its version and edits file (same tensors file and sha256).
+    Raises LiveEditError otherwise, before anything is changed."""
+    if served.version != previous_version:
+        raise LiveEditError(f"this rank serves version {served.version}, the flags were written over version "
+                            f"{previous_version}; POST the artifact to serve them")
+    try:
+        written = ArtifactManifest.from_json(dict(manifest_json), "the persisted manifest")
+    except ValueError as exc:  # ArtifactError
+        raise LiveEditError(str(exc)) from None
+    if written.version <= served.version:
+        raise LiveEditError(f"version {written.version} is not newer than the served version {served.version}")
+    tensors = {name: digest for name, digest in served.files.items() if name.endswith(".safetensors")}
+    if {n: d for n, d in written.files.items() if n.endswith(".safetensors")} != tensors \
+            or dataclasses.replace(written, version=served.version, files=served.files) != served:
+        raise LiveEditError(f"version {written.version} is not version {served.version} with other flags (other "
+                            "tensors or settings); POST the artifact to serve it")
+    return written
 
 
 class LiveEdits:
@@ -148,11 +179,34 @@ class LiveEdits:
             self._loading.cancel()
         self._loading, self._staged = None, None
 
-    def set_enabled(self, edit_id: int, enabled: bool) -> dict[str, Any]:
+    def flags(self, edit_id: int) -> dict[str, Any]:
+        """served_flags, for a persisted change of `edit_id` (refused when it is not served)."""
+        self._row_of(edit_id)
+        return {**served_flags(self.path, self.layer.manifest, self.layer.records), "tp_rank": self.layer.tp_rank}
+
+    def adopt_flags(self, previous_version: int, manifest_json: dict[str, Any], edit_id: int,
+                    enabled: bool) -> dict[str, Any]:
+        """Serve the version a persisted change wrote (flags_version checks it is the served one
+        with this flag changed): flip the flag and take its manifest. No load and no swap: the
+        memory and masks served are the ones it names."""
+        manifest = flags_version(self.layer.manifest, previous_version, manifest_json)
+        row = self._row_of(edit_id)
+        self.set_enabled(edit_id, enabled)
+        self.layer.relabel(manifest)  # the same rows; only the version and edits file are new
+        if self.layer.tp_rank == 0:
+            logger.info("MEMOIR: now serving %s version %d (row %d's flag persisted), was version %d",
+                        self.path, manifest.version, row, previous_version)
+        return self.state(with_edits=False)
+
+    def _row_of(self, edit_id: int) -> int:
         row = self.layer.edit_rows.get(edit_id)
         if row is None:
             raise UnknownEditError(f"no edit with id {edit_id} in the served artifact "
                                    f"(version {self.layer.manifest.version})")
+        return row
+
+    def set_enabled(self, edit_id: int, enabled: bool) -> dict[str, Any]:
+        row = self._row_of(edit_id)
         self.layer.set_enabled(row, enabled)
         # Same rows, same meaning: running requests keep their route, new ones re-route.
         self._rebase(lambda row: row)

@@ -57,3 +57,10 @@ class MemoirWorkerExtension:
 
     def memoir_set_enabled(self, edit_id: int, enabled: bool) -> dict[str, Any]:
         return _answer(lambda: self._memoir_live().set_enabled(edit_id, enabled))
+
+    def memoir_flags(self, edit_id: int) -> dict[str, Any]:
+        return _answer(lambda: self._memoir_live().flags(edit_id))
+
+    def memoir_adopt_flags(self, previous_version: int, manifest: dict[str, Any], edit_id: int,
+                           enabled: bool) -> dict[str, Any]:
+        return _answer(lambda: self._memoir_live().adopt_flags(previous_version, manifest, edit_id, enabled))

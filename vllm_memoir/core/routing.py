@@ -31,6 +31,8 @@ class EditRouter:
         manifest = artifact.manifest
         self.top_k = manifest.top_k
         self.irr_threshold = manifest.irr_threshold
+        # The best edit must beat the second best by this much overlap (0: the reference's rule).
+        self.route_margin = manifest.route_margin
         self.aggregation = manifest.aggregation
         self.dim = manifest.intermediate_size
         self.permutation = artifact.permutation.to(device)
@@ -46,7 +48,7 @@ class EditRouter:
     def route_tensors(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(route, best edit, overlap) per feature row, as tensors on the masks' device."""
         query = self.query_masks(features).to(self.masks.device)
-        return match_routes(query, self.masks, self.top_k, self.irr_threshold, self.enabled)
+        return match_routes(query, self.masks, self.top_k, self.irr_threshold, self.enabled, self.route_margin)
 
     def route_features(self, features: torch.Tensor) -> list[RouteDecision]:
         route, best, overlap = self.route_tensors(features)

@@ -172,11 +172,31 @@ def best_overlaps(
     then). Disabled rows never win. Only a [Q, block] temporary is held, never the [Q, E]
     count matrix (128 MiB for 32 prompts at 1,000,000 edits).
     """
+    best_count, best_row, _ = _scan_best(query, stored, enabled, chunk_rows, keep_second=False)
+    return best_count, best_row
+
+
+def top_two_overlaps(
+    query: torch.Tensor,
+    stored: torch.Tensor,
+    enabled: torch.Tensor | None = None,
+    chunk_rows: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """best_overlaps plus each query's second-highest count over the other enabled rows
+    (second_count [Q] int64; -1 when fewer than two rows are enabled). Two rows that tie for
+    the best give second_count == best_count. Same single pass: a running top-2 per block."""
+    return _scan_best(query, stored, enabled, chunk_rows, keep_second=True)
+
+
+def _scan_best(query: torch.Tensor, stored: torch.Tensor, enabled: torch.Tensor | None, chunk_rows: int | None,
+               keep_second: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(best_count, best_row, second_count or None) over blocks of stored masks."""
     if _on_numpy(stored):
-        return _best_overlaps_numpy(query, stored, enabled, chunk_rows)
+        return _best_overlaps_numpy(query, stored, enabled, chunk_rows, keep_second)
     n_query, device = query.shape[0], stored.device
     best_count = torch.full((n_query,), -1, dtype=torch.int64, device=device)
     best_row = torch.zeros(n_query, dtype=torch.int64, device=device)
+    second_count = torch.full((n_query,), -1, dtype=torch.int64, device=device) if keep_second else None
     flags = None if enabled is None else enabled.to(device=device, dtype=torch.bool)
     for start, counts in _block_counts(query, stored, chunk_rows):
         counts = counts.to(torch.int64)
@@ -184,19 +204,33 @@ def best_overlaps(
             counts.masked_fill_(~flags[start:start + counts.shape[1]], -1)
         block_row = counts.argmax(dim=1)  # argmax: the first maximum, so ties go to the earlier row
         block_count = counts.gather(1, block_row.unsqueeze(1)).squeeze(1)
+        if keep_second:
+            second_count = _running_second_torch(second_count, best_count, block_count, counts, block_row)
         better = block_count > best_count  # strictly: an earlier block keeps its tie
         best_count = torch.where(better, block_count, best_count)
         best_row = torch.where(better, block_row + start, best_row)
-    return best_count, best_row
+    return best_count, best_row, second_count
+
+
+def _running_second_torch(second: torch.Tensor, best: torch.Tensor, block_best: torch.Tensor, counts: torch.Tensor,
+                          block_row: torch.Tensor) -> torch.Tensor:
+    """Second-highest count so far, from the previous top-2 (best, second) and this block's:
+    the block's runner-up, or the smaller of the two bests. `counts` is this block's scratch
+    [Q, rows] temporary (its best entry is overwritten)."""
+    counts.scatter_(1, block_row.unsqueeze(1), -1)
+    block_second = counts.max(dim=1).values
+    return torch.maximum(second, torch.maximum(block_second, torch.minimum(best, block_best)))
 
 
 def _best_overlaps_numpy(query: torch.Tensor, stored: torch.Tensor, enabled: torch.Tensor | None,
-                         chunk_rows: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """best_overlaps on CPU, reduced in numpy: torch's small per-block ops (argmax, casts) with
+                         chunk_rows: int | None, keep_second: bool = False
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """_scan_best on CPU, reduced in numpy: torch's small per-block ops (argmax, casts) with
     two intra-op threads took ~10 ms each on a loaded 2-core machine, more than the counting."""
     n_query = query.shape[0]
     best_count = np.full(n_query, -1, dtype=np.int64)
     best_row = np.zeros(n_query, dtype=np.int64)
+    second_count = np.full(n_query, -1, dtype=np.int64) if keep_second else None
     disabled = None if enabled is None else ~enabled.cpu().numpy().astype(bool)
     picked = np.arange(n_query)
     for start, counts in _block_counts(query, stored, chunk_rows, as_numpy=True):
@@ -204,10 +238,22 @@ def _best_overlaps_numpy(query: torch.Tensor, stored: torch.Tensor, enabled: tor
             np.copyto(counts, -1, where=disabled[start:start + counts.shape[1]])
         block_row = counts.argmax(axis=1)  # the first maximum: ties go to the earlier row
         block_count = counts[picked, block_row].astype(np.int64)
+        if keep_second:
+            _running_second_numpy(second_count, best_count, block_count, counts, picked, block_row)
         better = block_count > best_count  # strictly: an earlier block keeps its tie
         best_count[better] = block_count[better]
         best_row[better] = block_row[better] + start
-    return torch.from_numpy(best_count), torch.from_numpy(best_row)
+    second = None if second_count is None else torch.from_numpy(second_count)
+    return torch.from_numpy(best_count), torch.from_numpy(best_row), second
+
+
+def _running_second_numpy(second: np.ndarray, best: np.ndarray, block_best: np.ndarray, counts: np.ndarray,
+                          picked: np.ndarray, block_row: np.ndarray) -> None:
+    """_running_second_torch in numpy, updating `second` in place; `counts` is the block's
+    reused buffer (its best entry is overwritten; the next block refills it)."""
+    counts[picked, block_row] = -1
+    block_second = counts.max(axis=1).astype(np.int64)
+    np.maximum(second, np.maximum(block_second, np.minimum(best, block_best)), out=second)
 
 
 def _on_numpy(stored: torch.Tensor) -> bool:
@@ -300,27 +346,47 @@ def match_routes(
     top_k: int,
     irr_threshold: float,
     enabled: torch.Tensor | None = None,
+    route_margin: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Best stored edit per query mask, all queries in one pass over the stored masks.
 
     Returns (route [Q] int64: the matched edit's row or NO_ROUTE, best_edit [Q] int64,
-    best_overlap [Q] float32 in [0, 1]). A query routes when best_overlap >= irr_threshold.
-    Ties go to the earliest edit. Disabled edits never match.
+    best_overlap [Q] float32 in [0, 1]). A query routes when best_overlap >= irr_threshold
+    and its best overlap beats the second best enabled edit's by at least route_margin
+    (route_gap; 0, the reference's rule, skips that check and its cost). Ties go to the
+    earliest edit (and, having no gap, are refused by any margin > 0). Disabled edits never match.
     """
+    if not 0.0 <= route_margin <= 1.0:
+        raise ValueError(f"route_margin {route_margin!r} must be in 0..1 (overlap units, as irr_threshold)")
     n_query = query.shape[0]
     if stored.shape[0] == 0:
         none = torch.full((n_query,), NO_ROUTE, dtype=torch.int64, device=query.device)
         return none, none.clone(), torch.zeros(n_query, dtype=torch.float32, device=query.device)
-    best_count, best_edit = best_overlaps(query, stored, enabled)
+    second_count = None
+    if route_margin > 0:
+        best_count, best_edit, second_count = top_two_overlaps(query, stored, enabled)
+    else:
+        best_count, best_edit = best_overlaps(query, stored, enabled)
     if best_count.device.type == "cpu":  # a handful of numbers: numpy's calls cost less than torch's
         count = best_count.numpy()
         overlap = np.maximum(count, 0).astype(np.float32) / np.float32(top_k)
-        route = np.where((overlap >= irr_threshold) & (count >= 0), best_edit.numpy(), NO_ROUTE)
+        routed = (overlap >= irr_threshold) & (count >= 0)
+        if second_count is not None:
+            routed &= route_gap(best_count, second_count, top_k).numpy() >= route_margin
+        route = np.where(routed, best_edit.numpy(), NO_ROUTE)
         return torch.from_numpy(route), best_edit, torch.from_numpy(overlap)
     overlap = best_count.clamp(min=0).float() / float(top_k)
     routed = (overlap >= irr_threshold) & (best_count >= 0)
+    if second_count is not None:
+        routed &= route_gap(best_count, second_count, top_k) >= route_margin
     route = torch.where(routed, best_edit, torch.full_like(best_edit, NO_ROUTE))
     return route, best_edit, overlap
+
+
+def route_gap(best_count: torch.Tensor, second_count: torch.Tensor, top_k: int) -> torch.Tensor:
+    """(best - second-best) overlap in overlap units, float32 [Q]: the counts' difference over
+    top_k (exact for whole counts, so every device agrees). No second edit counts as overlap 0."""
+    return (best_count.clamp(min=0) - second_count.clamp(min=0)).float() / float(top_k)
 
 
 def masked_residual(x: torch.Tensor, memory: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:

@@ -128,6 +128,11 @@ class MemoirDownProj(torch.nn.Module):
         # collections walking them profiled as a 0.7x throughput at 100k edits.)
         gc.freeze()
 
+    def relabel(self, manifest: ArtifactManifest) -> None:
+        """Serve the same rows under `manifest`: a version that changed only the records' enabled
+        flags (a persisted disable/enable; live_edits checks that before calling this)."""
+        self.manifest = manifest
+
     def set_enabled(self, row: int, enabled: bool) -> None:
         """Let edit row `row` match prompts again, or stop it from matching any."""
         self.router.router.enabled[row] = enabled
