@@ -221,7 +221,7 @@ def test_slot_block_marks_follow_requests_through_the_batch():
     """Each slot's marks reach the device table when published, follow swaps and moves, grow
     with the slots, and the tokens of a forward read their own request's block marks."""
     from vllm_memoir.routing.requests import RequestRoutes
-    from vllm_memoir.routing.span_marks import NONE, block_marks
+    from vllm_memoir.routing.span_marks import block_marks, no_marks
 
     size = 2
     prompt = [1, 90, 91, 5, 6, 92, 7]  # span [3, 5): block 1 has a tail from offset 1, block 2 a head to 1
@@ -229,23 +229,24 @@ def test_slot_block_marks_follow_requests_through_the_batch():
     routes.add(0, prompt, is_new_request=True)  # before tracking: filled in when tracking starts
     marks = routes.track_block_marks(size, num_blocks=5)
     want = torch.from_numpy(block_marks(SPAN.boundaries(prompt), 5, size))
-    assert want[1].tolist() == [1, NONE] and want[2].tolist() == [NONE, 1] and want[0].tolist() == [NONE, NONE]
+    empty = list(no_marks(size))  # [2, 0]: a tail from the block's end, a head to its start
+    assert want[1].tolist() == [1, 0] and want[2].tolist() == [size, 1] and want[0].tolist() == empty
     assert torch.equal(marks.device_table[0], want)
     routes.add(1, [1, 5, 6], is_new_request=True)  # no user marker: no marks
     routes.set_batch(2)
-    assert torch.equal(marks.device_table[1], torch.full((5, 2), NONE, dtype=torch.int32))
+    assert marks.device_table[1].tolist() == [empty] * 5
     routes.swap(0, 1)
     routes.publish()
-    assert torch.equal(marks.device_table[1], want) and (marks.device_table[0] == NONE).all()
+    assert torch.equal(marks.device_table[1], want) and marks.device_table[0].tolist() == [empty] * 5
     routes.move(1, 3)  # grows the slots: a new marks table
     routes.set_batch(2, row_slots=[0, 3])
     grown = routes.block_marks
-    assert grown.capacity >= 4 and torch.equal(grown.device_table[3], want) and (grown.device_table[1] == NONE).all()
+    assert grown.capacity >= 4 and torch.equal(grown.device_table[3], want) and grown.device_table[1].tolist() == [empty] * 5
     # A forward: row 0 is slot 0 (two tokens at positions 2, 3), row 1 slot 3 (positions 3, 4).
     layout = TokenLayout([0, 2, 4], [4, 5])
     tokens = layout.tokens_of(4)
     got = grown.of_tokens(tokens, routes.row_slots_dev)
-    assert got.tolist() == [[NONE, NONE], [NONE, NONE], want[1].tolist(), want[2].tolist()]
+    assert got.tolist() == [empty, empty, want[1].tolist(), want[2].tolist()]
 
 
 # ------------------------------------------------------------------------- edit tools end to end

@@ -36,17 +36,24 @@ def tail_and_head(boundaries: SpanBoundaries, positions: np.ndarray, block_size:
     return tail_start, head_end
 
 
+def no_marks(block_size: int) -> tuple[int, int]:
+    """The marks of a block without a tail or head: a tail from its end, a head to its start
+    (both empty, and never the offsets a span boundary inside the block is looked up by)."""
+    return block_size, 0
+
+
 def block_marks(boundaries: SpanBoundaries | None, num_blocks: int, block_size: int) -> np.ndarray:
     """[num_blocks, 2] int32 for a request's logical blocks: the offset inside the block its tail
-    starts at and its head ends at (NONE: the block has none)."""
-    marks = np.full((num_blocks, 2), NONE, dtype=np.int32)
+    starts at and its head ends at (no_marks() where the block has none)."""
+    marks = np.empty((num_blocks, 2), dtype=np.int32)
+    marks[:] = no_marks(block_size)
     if boundaries is None or boundaries.last < 0:
         return marks
     used = min(num_blocks, boundaries.last // block_size + 1)  # blocks after the last boundary have none
     block_start = np.arange(used, dtype=np.int64) * block_size
     tail_start, head_end = tail_and_head(boundaries, block_start, block_size)
-    marks[:used, 0] = np.where(tail_start >= 0, tail_start - block_start, NONE)
-    marks[:used, 1] = np.where(head_end >= 0, head_end - block_start, NONE)
+    marks[:used, 0] = np.where(tail_start >= 0, tail_start - block_start, block_size)
+    marks[:used, 1] = np.where(head_end >= 0, head_end - block_start, 0)
     return marks
 
 
@@ -58,8 +65,8 @@ class SlotBlockMarks:
         self.num_blocks = num_blocks
         self.block_size = block_size
         # One spare slot past the end (the request buffers' padding slot): never marked.
-        self.host = torch.full((capacity + 1, num_blocks, 2), NONE, dtype=torch.int32)
-        self.device_table = torch.full_like(self.host, NONE, device=device)
+        self.host = torch.tensor(no_marks(block_size), dtype=torch.int32).repeat(capacity + 1, num_blocks, 1)
+        self.device_table = self.host.to(device, copy=True)
         self._changed: set[int] = set()
 
     @property

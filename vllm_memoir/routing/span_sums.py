@@ -35,8 +35,9 @@ from __future__ import annotations
 import torch
 
 from vllm_memoir.routing.block_sums import BlockSums
+from vllm_memoir.routing.device import reads_are_free
 from vllm_memoir.routing.layout import TokenIndex, TokenLayout
-from vllm_memoir.routing.span_marks import NONE
+from vllm_memoir.routing.span_marks import no_marks
 
 
 TAIL, HEAD = 0, 1
@@ -57,7 +58,8 @@ class SpanBlockSums:
     def _allocate(self, layout: TokenLayout) -> None:
         sums = self.block_sums.table(layout)
         self.parts = torch.zeros(sums.shape[0], 2, sums.shape[1], dtype=sums.dtype, device=sums.device)
-        self.offsets = torch.full((sums.shape[0], 2), NONE, dtype=torch.int32, device=sums.device)
+        self._empty = torch.tensor(no_marks(self.block_size), dtype=torch.int32, device=sums.device)
+        self.offsets = self._empty.repeat(sums.shape[0], 1)
 
     @property
     def tail(self) -> torch.Tensor:
@@ -85,16 +87,22 @@ class SpanBlockSums:
             self._allocate(layout)
         discard = self.block_sums.discard_row
         starting = torch.where(offset == 0, block, discard)
-        self.parts.index_fill_(0, starting, 0.0)
         # Several tokens may land on the discard row; which value it keeps does not matter.
-        self.offsets.index_put_((starting,), token_marks.to(self.offsets.dtype))
-        tail_from, head_to = token_marks[:, TAIL], token_marks[:, HEAD]
-        in_tail = (tail_from >= 0) & (offset >= tail_from)
-        in_head = (head_to >= 0) & (offset < head_to)
+        self.offsets.index_put_((starting,), token_marks)
+        if reads_are_free(x) and not bool((token_marks != self._empty).any()):
+            # No token here is in a block with a tail or head (decode steps past the prompt's
+            # boundaries): nothing to add, and the blocks started here have empty offsets, so
+            # their stale parts are never read.
+            return
+        self.parts.index_fill_(0, starting, 0.0)
+        # Empty marks (no_marks) select no token here.
+        in_tail = offset >= token_marks[:, TAIL]
+        in_head = offset < token_marks[:, HEAD]
         flat = self.parts.view(-1, self.parts.shape[-1])  # row 2b: block b's tail, 2b + 1: its head
+        block2 = torch.where(in_tail, block, discard) * 2
         inputs = x.to(flat.dtype)
-        flat.index_add_(0, torch.where(in_tail, block, discard) * 2 + TAIL, inputs)
-        flat.index_add_(0, torch.where(in_head, block, discard) * 2 + HEAD, inputs)
+        flat.index_add_(0, block2, inputs)
+        flat[HEAD:].index_add_(0, torch.where(in_head, block, discard) * 2, inputs)
 
     # --- reading (at a routing decision, before this forward is recorded) ------------------------
 

@@ -38,6 +38,7 @@ from vllm_memoir.core import NO_ROUTE, dense_masked_residual
 from vllm_memoir.routing import requests
 from vllm_memoir.routing.block_sums import BlockSums
 from vllm_memoir.routing.decisions import ShardedPromptRouter
+from vllm_memoir.routing.device import capturing, reads_are_free
 from vllm_memoir.routing.layout import HostLayout, TokenIndex, TokenLayout, current_layout
 from vllm_memoir.routing.requests import PENDING, PendingReport, RequestRoutes
 from vllm_memoir.routing.span_marks import SlotBlockMarks
@@ -111,10 +112,6 @@ def decode_step(out: torch.Tensor, x: torch.Tensor, layout: TokenLayout, slot_ro
         add_picked_residual(out, x, memory, router, routed_rows, routes)
 
 
-def _capturing(x: torch.Tensor) -> bool:
-    return x.is_cuda and torch.cuda.is_current_stream_capturing()
-
-
 class RoutingStep:
     """The edited layer's per-forward routing; the served edits are the layer's."""
 
@@ -164,7 +161,7 @@ class RoutingStep:
         if self.span_sums is not None:
             marks = routes.track_block_marks(self.block_size, layout.block_table.shape[1])
         if not pending.size and tokens.decode_only:
-            picked = None if _capturing(x) else torch.from_numpy(routed).to(x.device, non_blocking=True)
+            picked = None if capturing(x) else torch.from_numpy(routed).to(x.device, non_blocking=True)
             decode_step(out, x, layout, routes.slot_route_dev, routes.row_slots_dev, self.layer.router,
                         self.layer.memory, self.block_sums, picked, self.span_sums, marks)
             self._finish(routes, layout, started)
@@ -175,7 +172,7 @@ class RoutingStep:
         record_sums(x, layout, tokens, routes.row_slots_dev, self.block_sums, self.span_sums, marks)
         if pending.size or routed.size:
             token_route = token_routes(routes.slot_route_dev, routes.row_slots_dev, tokens)
-            if x.device.type == "cpu":  # finding the routed tokens waits on nothing here
+            if reads_are_free(x):  # finding the routed tokens waits on nothing here
                 picked = torch.nonzero(token_route >= 0).flatten()
                 if picked.numel():
                     add_picked_residual(out, x, self.layer.memory, self.layer.router, picked,
@@ -235,8 +232,8 @@ class RoutingStep:
         here = torch.zeros(num_rows + 1, x.shape[1], dtype=torch.float32, device=x.device)
         sums = here.index_add_(0, target, x.float()).index_select(0, rows)
         approximate = torch.zeros_like(first, dtype=torch.bool)
-        if self.block_sums is None:
-            return sums, approximate
+        if self.block_sums is None or (reads_are_free(x) and not bool((first > 0).any())):
+            return sums, approximate  # no row has positions before this forward
         if self.span_sums is None:  # whole prompts: every block before this forward
             return sums + self.block_sums.sum_before(layout, rows, first), approximate
         earlier, approximate = self.span_sums.sum_between(layout, rows, span_start, torch.minimum(span_end, first),
