@@ -281,16 +281,23 @@ def test_ray_swap_reaches_every_replica_without_a_failed_request(served, facts_a
     assert all(e["routed_requests"] >= 3 for e in counted[NUM_EDITS:]), counted  # summed over replicas
 
 
+def _an_appended_edit(state: dict, client, model_id: str, reference: MemoirHFModel):
+    """The first appended edit of the served listing `state`: (edit id, prompt, the server's
+    edited answer, the base model's answer by the reference with routing off)."""
+    edit_id, prompt = state["edits"][NUM_EDITS]["edit_id"], state["edits"][NUM_EDITS]["prompt"]
+    prompt_ids, edited = _complete(client, model_id, prompt)
+    with reference.routing_off():
+        base = greedy_ids(reference, [prompt_ids], MAX_TOKENS)[0]
+    return edit_id, prompt, edited, base
+
+
 def test_ray_disable_and_refusals_apply_to_every_replica(served, artifact_v2, tmp_path):
     client, model_id, base_url = served
     serve_version(base_url, artifact_v2, 2)
     v2 = MemoirHFModel.from_pretrained(FACTS_MODEL, artifact=artifact_v2)
     with _admin(base_url) as admin:
         state = admin.get("/memoir/edits").json()
-        edit_id, prompt = state["edits"][NUM_EDITS]["edit_id"], state["edits"][NUM_EDITS]["prompt"]
-        prompt_ids, edited = _complete(client, model_id, prompt)
-        with v2.routing_off():
-            base = greedy_ids(v2, [prompt_ids], MAX_TOKENS)[0]
+        edit_id, prompt, edited, base = _an_appended_edit(state, client, model_id, v2)
         assert edited != base
 
         assert admin.post(f"/memoir/edits/{edit_id}/disable").status_code == 200
@@ -313,3 +320,40 @@ def test_ray_disable_and_refusals_apply_to_every_replica(served, artifact_v2, tm
         final = admin.get("/memoir/edits").json()
     assert final["consistent"] and [r["version"] for r in final["replicas"]] == [2] * NUM_REPLICAS
     assert final["num_enabled"] == len(state["edits"])
+
+
+def test_ray_persisted_disable_flips_every_replica_without_a_reload(served, artifact_v2, tmp_path):
+    """A persisted disable is written once (a records-only version that keeps the tensors file)
+    and taken by every replica in place: both serve the new version, the edit is off
+    everywhere, and nothing was loaded again."""
+    from vllm_memoir.core import load_artifact
+
+    client, model_id, base_url = served
+    own = tmp_path / "artifact"  # a copy: the persisted versions must not change the shared fixture
+    shutil.copytree(artifact_v2, own)
+    serve_version(base_url, own, 2)
+    v2 = MemoirHFModel.from_pretrained(FACTS_MODEL, artifact=own)
+    tensors_before = {p.name: p.stat().st_ino for p in own.glob("memoir-v*.safetensors")}
+    with _admin(base_url) as admin:
+        state = admin.get("/memoir/edits").json()
+        edit_id, prompt, edited, base = _an_appended_edit(state, client, model_id, v2)
+        response = admin.post(f"/memoir/edits/{edit_id}/disable", json={"persist": True})
+        assert response.status_code == 200, response.text
+        persisted = response.json()["persisted"]
+        assert (persisted["version"], persisted["previous_version"]) == (3, 2), persisted
+        assert "load_seconds" not in persisted and persisted["flip_seconds"] >= 0
+        assert [_complete(client, model_id, prompt)[1] for _ in range(4)] == [base] * 4
+        after = admin.get("/memoir/edits").json()
+        assert after["consistent"] and [r["version"] for r in after["replicas"]] == [3] * NUM_REPLICAS
+        assert after["num_enabled"] == len(state["edits"]) - 1
+        # On disk: version 3 with the flag, under the same tensors file (not rewritten).
+        on_disk = load_artifact(own)
+        assert on_disk.manifest.version == 3
+        assert [e.enabled for e in on_disk.edits if e.edit_id == edit_id] == [False]
+        assert {p.name: p.stat().st_ino for p in own.glob("memoir-v*.safetensors")} == tensors_before
+        response = admin.post(f"/memoir/edits/{edit_id}/enable", json={"persist": True})
+        assert response.status_code == 200 and response.json()["persisted"]["version"] == 4, response.text
+        assert [_complete(client, model_id, prompt)[1] for _ in range(4)] == [edited] * 4
+        # An unknown edit is refused before anything is written.
+        assert admin.post("/memoir/edits/987654/disable", json={"persist": True}).status_code == 404
+    assert load_artifact(own).manifest.version == 4

@@ -160,30 +160,18 @@ class EditControl:
             if not persist:
                 await self._on_workers("memoir_set_enabled", edit_id, enabled)
                 return answer
-            answer["persisted"] = await self._persist_flag(edit_id, enabled)
+            answer["persisted"] = await persist_flag(await self.served_flags(edit_id), edit_id, enabled,
+                                                     self.adopt_flags)
             return answer
 
-    async def _persist_flag(self, edit_id: int, enabled: bool) -> dict[str, Any]:
-        """Write the served flags with this change as the next version, then have every worker
-        flip the flag and take that version's manifest (set_enabled; the lock is held)."""
-        started = time.perf_counter()
-        served = await self._served_flags(edit_id)
-        written = await write_flags_version(served, {edit_id: enabled})
-        wrote = time.perf_counter()
-        try:
-            answers = await self._on_workers("memoir_adopt_flags", served["version"], dataclasses.asdict(written),
-                                             edit_id, enabled)
-        except EditControlError as exc:
-            raise EditControlError(exc.status, f"{exc} ({_saved_note(Path(served['path']))})") from exc
-        flipped = time.perf_counter()
-        logger.info("MEMOIR: edit %d %s and persisted as %s version %d (was %d; write %.2f s, flip %.3f s)",
-                    edit_id, "enabled" if enabled else "disabled", served["path"], written.version,
-                    served["version"], wrote - started, flipped - wrote)
-        return {"path": served["path"], "version": answers[0]["version"], "num_edits": answers[0]["num_edits"],
-                "previous_version": served["version"], "write_seconds": round(wrote - started, 4),
-                "flip_seconds": round(flipped - wrote, 4)}
+    async def adopt_flags(self, previous_version: int, manifest_json: dict[str, Any], edit_id: int,
+                          enabled: bool) -> dict[str, Any]:
+        """Every worker flips the flag and takes the manifest of the version a persisted change
+        wrote over `previous_version` (refused unless that is the one it serves)."""
+        answers = await self._on_workers("memoir_adopt_flags", previous_version, manifest_json, edit_id, enabled)
+        return {key: answers[0][key] for key in ("version", "num_edits")}
 
-    async def _served_flags(self, edit_id: int) -> dict[str, Any]:
+    async def served_flags(self, edit_id: int) -> dict[str, Any]:
         """Rank 0's served version, manifest and disabled rows (404 when `edit_id` is not served)."""
         answers = await self._on_workers("memoir_flags", edit_id)
         if len({a["version"] for a in answers}) != 1:  # cannot happen through this controller; say so if it does
@@ -259,6 +247,27 @@ def _chunk(limit: int | None) -> int:
     return LISTING_CHUNK if limit is None else min(limit, LISTING_CHUNK)
 
 
+async def persist_flag(served: dict[str, Any], edit_id: int, enabled: bool, adopt) -> dict[str, Any]:
+    """Write the served flags (`served`: a `served_flags` answer) with this change as the
+    artifact's next version, then have the server take it: `adopt(previous_version,
+    manifest_json, edit_id, enabled)`, every worker (or replica) flipping the flag. A refusal
+    after the write says that the flags are on disk. The caller holds its controller's lock."""
+    started = time.perf_counter()
+    written = await write_flags_version(served, {edit_id: enabled})
+    wrote = time.perf_counter()
+    try:
+        adopted = await adopt(served["version"], dataclasses.asdict(written), edit_id, enabled)
+    except EditControlError as exc:
+        raise EditControlError(exc.status, f"{exc} ({_saved_note(Path(served['path']))})") from exc
+    flipped = time.perf_counter()
+    logger.info("MEMOIR: edit %d %s and persisted as %s version %d (was %d; write %.2f s, flip %.3f s)",
+                edit_id, "enabled" if enabled else "disabled", served["path"], written.version,
+                served["version"], wrote - started, flipped - wrote)
+    return {"path": served["path"], "version": adopted["version"], "num_edits": adopted["num_edits"],
+            "previous_version": served["version"], "write_seconds": round(wrote - started, 4),
+            "flip_seconds": round(flipped - wrote, 4)}
+
+
 async def write_flags_version(served: dict[str, Any], changes: dict[int, bool]) -> ArtifactManifest:
     """Write the served flags with `changes` ({edit_id: enabled}) applied into the served
     artifact as its next version, keeping its tensors file; returns the new manifest. `served`
@@ -287,33 +296,6 @@ async def write_flags_version(served: dict[str, Any], changes: dict[int, bool]) 
         wanted[rows] = np.fromiter(changes.values(), bool, len(changes))
         set_enabled_rows(records, wanted)
         return save_edit_records(path, on_disk, records)
-
-    return await _write_refusing_409(path, write)
-
-
-async def persist_enabled_flags(served: dict[str, Any], changes: dict[int, bool]) -> Path:
-    """Save the served edits' enabled flags (a `state()` answer: path, version, edits), with
-    `changes` ({edit_id: enabled}) applied, into the served artifact as its next version, which
-    keeps the tensors file; returns the artifact's path. Nothing is served differently yet
-    (swap_persisted does that). For a caller that has the whole listing (Ray Serve's replicas);
-    EditControl asks its workers for the disabled rows instead (write_flags_version).
-
-    Refused, with nothing written: 404 for an edit id that is not served; 409 as
-    write_flags_version.
-    """
-    path, served_version = Path(served["path"]), served["version"]
-    flags = {e["edit_id"]: e["enabled"] for e in served["edits"]}
-    unknown = sorted(set(changes) - set(flags))
-    if unknown:
-        raise EditControlError(404, f"no edit with id {unknown[0]} in the served artifact (version {served_version})")
-    flags.update(changes)
-
-    def write() -> Path:
-        on_disk = _served_on_disk(path, served_version, served.get("artifact_sha256"), None)
-        records = load_edit_records(path, on_disk)
-        apply_enabled_flags(records, flags)
-        save_edit_records(path, on_disk, records)
-        return path
 
     return await _write_refusing_409(path, write)
 
@@ -348,30 +330,6 @@ def set_enabled_rows(records: EditRecords, wanted: np.ndarray) -> None:
     rewritten."""
     for row in np.flatnonzero(records.enabled != wanted).tolist():
         records.set_enabled(row, bool(wanted[row]))
-
-
-def apply_enabled_flags(edits: EditRecords | list, flags: dict[int, bool]) -> None:
-    """Set the enabled flag of every record whose id `flags` names; only the rows that change
-    are rewritten (a columnar store of 1,000,000 records is not parsed whole)."""
-    if not isinstance(edits, EditRecords):
-        for record in edits:
-            record.enabled = flags.get(record.edit_id, record.enabled)
-        return
-    ids = np.fromiter(flags, np.int64, len(flags))
-    wanted = np.fromiter(flags.values(), bool, len(flags))
-    rows = edits.rows_of(ids)
-    known = rows >= 0
-    rows, wanted = rows[known], wanted[known]
-    for row in rows[edits.enabled[rows] != wanted].tolist():
-        edits.set_enabled(row, not bool(edits.enabled[row]))
-
-
-async def swap_persisted(swap, path: Path) -> dict[str, Any]:
-    """Serve the version persist_enabled_flags wrote; a refused swap says that it is on disk."""
-    try:
-        return await swap(path)
-    except EditControlError as exc:
-        raise EditControlError(exc.status, f"{exc} ({_saved_note(path)})") from exc
 
 
 def _saved_note(path: Path) -> str:

@@ -35,8 +35,7 @@ from ray.serve.llm.ingress import OpenAiIngress
 
 from vllm_memoir.admin_api import (ADMIN_KEY_ENV, AdminRefusal, ArtifactBody, ToggleBody, check_bearer, key_hashes,
                                    read_body, refusal_response, run_admin_call)
-from vllm_memoir.edit_control import (EditControl, EditControlError, PreparedSwap, artifact_dir, persist_enabled_flags,
-                                      swap_persisted)
+from vllm_memoir.edit_control import EditControl, EditControlError, PreparedSwap, artifact_dir, persist_flag
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +107,14 @@ class MemoirLLMServer(LLMServer):
     async def memoir_set_enabled(self, edit_id: int, enabled: bool):
         return await self._control().set_enabled(edit_id, enabled, persist=False)
 
+    @_answer
+    async def memoir_flags(self, edit_id: int):
+        return await self._control().served_flags(edit_id)
+
+    @_answer
+    async def memoir_adopt_flags(self, previous_version: int, manifest: dict[str, Any], edit_id: int, enabled: bool):
+        return await self._control().adopt_flags(previous_version, manifest, edit_id, enabled)
+
 
 class ReplicatedEditControl:
     """EditControl's three calls (state, swap, set_enabled) over every replica of one model."""
@@ -169,19 +176,27 @@ class ReplicatedEditControl:
         return answer
 
     async def set_enabled(self, edit_id: int, enabled: bool, persist: bool) -> dict[str, Any]:
-        """As EditControl.set_enabled, on every replica: a persisted change is written first and
-        then swapped in everywhere, so a refusal changes no replica."""
+        """As EditControl.set_enabled, on every replica: a persisted change is written first (once,
+        refused unless every replica serves the same version and flags), then every replica
+        flips the flag and takes the new version (no swap, no reload)."""
         async with self._lock:
             answer: dict[str, Any] = {"edit_id": edit_id, "enabled": enabled}
             if not persist:
                 await self._on_replicas("memoir_set_enabled", edit_id=edit_id, enabled=enabled)
                 return answer
-            served = await self.state()
-            if not served["consistent"]:
-                raise EditControlError(409, f"replicas serve different edits {served['replicas']}; "
+            served = await self._on_replicas("memoir_flags", edit_id=edit_id)
+            seen = {(a["path"], a["version"], tuple(a["disabled_rows"])) for a in served}
+            if len(seen) != 1:
+                raise EditControlError(409, "replicas serve different edits (versions "
+                                            f"{sorted({a['version'] for a in served})}, or other enabled flags); "
                                             "POST the artifact to bring them together first")
-            path = await persist_enabled_flags(served, {edit_id: enabled})
-            answer["persisted"] = await swap_persisted(lambda p: self._swap(str(p)), path)
+
+            async def adopt(previous_version: int, manifest: dict[str, Any], edit_id: int, enabled: bool):
+                adopted = await self._on_replicas("memoir_adopt_flags", previous_version=previous_version,
+                                                  manifest=manifest, edit_id=edit_id, enabled=enabled)
+                return adopted[0]
+
+            answer["persisted"] = await persist_flag(served[0], edit_id, enabled, adopt)
             return answer
 
 
