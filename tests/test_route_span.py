@@ -114,24 +114,42 @@ def test_templates_without_markers_are_refused(chat_tokenizer):
 
 
 def test_request_routes_keep_each_slot_span():
+    """Each slot's span reaches the routing op's buffers, and its boundaries the block marks,
+    through swaps and moves."""
     from vllm_memoir.routing.requests import PENDING, RequestRoutes
+    from vllm_memoir.routing.span_marks import block_marks
 
+    def published(routes, slot):
+        routes.publish()
+        return tuple(routes.slot_span_dev[:, slot].tolist())
+
+    def marked(routes, slot, prompt):
+        """Whether the slot's published marks are `prompt`'s boundaries (None: no boundaries)."""
+        boundaries = None if prompt is None else SPAN.boundaries(prompt)
+        want = torch.from_numpy(block_marks(boundaries, 4, 2))
+        return torch.equal(routes.block_marks.device_table[slot], want)
+
+    chat = [1, 90, 91, 5, 6, 92, 7]
     routes = RequestRoutes(capacity=2, route_span=SPAN)
-    routes.add(0, [1, 90, 91, 5, 6, 92, 7], is_new_request=True)
+    routes.add(0, chat, is_new_request=True)
     routes.add(1, [1, 5, 6], is_new_request=True)
     routes.set_batch(2)
+    routes.track_block_marks(block_size=2, num_blocks=4)
     assert routes.row_routes() == [PENDING, PENDING]
-    assert routes.row_span(0) == (3, 5) and routes.row_span(1) == (0, 3)
-    assert routes.row_boundaries(0).starts.tolist() == [3]
+    assert published(routes, 0) == (3, 5) and published(routes, 1) == (0, 3)
+    assert SPAN.boundaries(chat).starts.tolist() == [3] and marked(routes, 0, chat)
+    assert SPAN.boundaries([1, 5, 6]).starts.size == 0 and marked(routes, 1, [1, 5, 6])
     routes.swap(0, 1)
-    assert routes.row_span(0) == (0, 3) and routes.row_span(1) == (3, 5)
+    assert published(routes, 0) == (0, 3) and published(routes, 1) == (3, 5)
     routes.move(1, 3)  # grows the buffers
-    assert routes.row_span(3) == (3, 5) and routes.row_boundaries(3).ends.tolist() == [5]
-    assert routes.row_span(1) == (0, 0) and routes.row_boundaries(1) is None
+    assert published(routes, 3) == (3, 5) and marked(routes, 3, chat)
+    assert SPAN.boundaries(chat).ends.tolist() == [5]
+    assert published(routes, 1) == (0, 0) and marked(routes, 1, None)
     plain = RequestRoutes(capacity=1, route_span=RouteSpan())
-    plain.add(0, [1, 90, 91, 5, 6, 92, 7], is_new_request=True)
+    plain.add(0, chat, is_new_request=True)
     plain.set_batch(1)
-    assert plain.row_span(0) == (0, 7) and plain.row_boundaries(0) is None
+    plain.track_block_marks(block_size=2, num_blocks=4)
+    assert published(plain, 0) == (0, 7) and marked(plain, 0, None)
 
 
 # ------------------------------------------------------------------------- plugin: partial block sums

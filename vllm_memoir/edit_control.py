@@ -284,7 +284,7 @@ async def write_flags_version(served: dict[str, Any], changes: dict[int, bool]) 
 
     def write() -> ArtifactManifest:
         served_manifest = ArtifactManifest.from_json(served["manifest"], "the served manifest")
-        on_disk = _served_on_disk(path, served["version"], artifact_sha256(served_manifest), served_manifest.files)
+        on_disk = _served_on_disk(path, served_manifest)
         records = load_edit_records(path, on_disk)
         wanted = np.ones(len(records), dtype=bool)
         wanted[np.asarray(served["disabled_rows"], dtype=np.int64)] = False
@@ -300,15 +300,15 @@ async def write_flags_version(served: dict[str, Any], changes: dict[int, bool]) 
     return await _write_refusing_409(path, write)
 
 
-def _served_on_disk(path: Path, served_version: int, served_sha: str | None,
-                    served_files: dict[str, str] | None) -> ArtifactManifest:
-    """The manifest on disk, when it is the served version (else 409) and no job checkpoints into it."""
+def _served_on_disk(path: Path, served: ArtifactManifest) -> ArtifactManifest:
+    """The manifest on disk, when it is the `served` version with the same files (else 409) and
+    no job checkpoints into it."""
     on_disk = read_manifest(path)
-    if on_disk.version != served_version or (served_sha is not None and artifact_sha256(on_disk) != served_sha) \
-            or (served_files is not None and on_disk.files != served_files):
+    served_sha = artifact_sha256(served)
+    if on_disk.version != served.version or artifact_sha256(on_disk) != served_sha or on_disk.files != served.files:
         raise EditControlError(409, f"{shown_path(path)} is at version {on_disk.version} on disk (memory sha256 "
                                     f"{artifact_sha256(on_disk)[:12]}) but the server serves version "
-                                    f"{served_version} ({(served_sha or '?')[:12]}); POST the artifact first")
+                                    f"{served.version} ({served_sha[:12]}); POST the artifact first")
     job = unfinished_job(on_disk.job)
     if job is not None:
         raise EditControlError(409, f"{shown_path(path)} is a checkpoint of an edit job ({job['done']} of "

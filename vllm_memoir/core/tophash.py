@@ -106,9 +106,7 @@ def unpack_bits(packed: torch.Tensor, dim: int) -> torch.Tensor:
         # (gigabytes for 100k stored masks at start-up validation).
         bits = np.unpackbits(packed.contiguous().numpy(), axis=1, count=dim, bitorder="little")
         return torch.from_numpy(bits).view(torch.bool)
-    shifts = torch.arange(8, device=packed.device, dtype=torch.int32)
-    bits = (packed.to(torch.int32).unsqueeze(-1) >> shifts) & 1
-    return bits.reshape(packed.shape[0], -1)[:, :dim].bool()
+    return unpack_as(packed, torch.bool)[:, :dim]
 
 
 def popcount64(words: torch.Tensor) -> torch.Tensor:

@@ -78,11 +78,16 @@ class BlockSums:
         """[P, D] the summed input of batch rows `rows` over their positions 0..first-1 (zero
         where first is 0): the blocks of their block tables below `first`, the last one as far
         as it was written. Read before this forward is recorded."""
-        sums = self.table(layout)
+        self.table(layout)
         table = layout.block_table.index_select(0, rows).long()  # [P, max blocks per request]
         used = torch.arange(table.shape[1], device=table.device) * self.block_size < first.unsqueeze(1)
+        return self.sum_blocks(table, used)
+
+    def sum_blocks(self, table: torch.Tensor, used: torch.Tensor) -> torch.Tensor:
+        """[P, D] per row of `table` ([P, C] physical block ids), the sum of its blocks where
+        `used` ([P, C] bool); the others read the always-zero row."""
         blocks = torch.where(used, table.clamp(0, self.zero_row - 1), self.zero_row)
-        return sums.index_select(0, blocks.flatten()).view(*blocks.shape, -1).sum(dim=1)
+        return self.sums.index_select(0, blocks.flatten()).view(*blocks.shape, -1).sum(dim=1)
 
     def token_blocks(self, x: torch.Tensor, layout: TokenLayout, tokens: TokenIndex) -> tuple[torch.Tensor, torch.Tensor]:
         """[T] the table row each of this forward's tokens goes to (padding tokens: the discard
@@ -101,7 +106,6 @@ class BlockSums:
     def record(self, x: torch.Tensor, layout: TokenLayout, tokens: TokenIndex) -> None:
         """Add this forward's tokens to the blocks their KV went to (padding tokens: to the
         discard row), resetting the blocks written from their first slot."""
-        self.table(layout)
         self.record_at(x, *self.token_blocks(x, layout, tokens))
 
     def record_at(self, x: torch.Tensor, block: torch.Tensor, offset: torch.Tensor) -> None:

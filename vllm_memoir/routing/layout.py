@@ -53,7 +53,7 @@ class TokenLayout:
             self._tokens = (num_tokens, TokenIndex.of(self, num_tokens))
         return self._tokens[1]
 
-    # --- host views, for the paths that stay on the host (routing spans, debug logs) ------
+    # --- host views, for the checks and debug logs that read the layout on the host -------
 
     @cached_property
     def host(self) -> "HostLayout":

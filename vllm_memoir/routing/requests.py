@@ -316,16 +316,9 @@ class RequestRoutes:
     def row_prompt_len(self, row: int) -> int:
         return int(self.slot_prompt_len[self._slot(row)])
 
-    def row_span(self, row: int) -> tuple[int, int]:
-        """[start, end) prompt positions whose inputs the row's route feature averages."""
-        start, end = self.slot_span[self._slot(row)].tolist()
-        return start, end
-
-    def row_boundaries(self, row: int) -> SpanBoundaries | None:
-        return self._boundaries[self._slot(row)]
-
     def record(self, row: int, decision: RouteDecision) -> None:
-        """A decision for a pending row, made on the host (routing spans) or settled from the device."""
+        """A decision for a pending row made on the host, taken as settle() takes the device's
+        (the routing op decides on the device; tests and tools drive routes this way)."""
         self._record_slot(self._slot(row), decision)
         self.slot_route_dev[self._slot(row)] = decision.route
 
