@@ -1,4 +1,4 @@
-"""Edit quality on the facts model: sequential MEMOIR edits for T = 1, 10, 100, 1000.
+"""Edit quality on the facts models: sequential MEMOIR edits for T = 1, 10, 100, 1000 (and 10,000).
 
 For each T, the edit tools apply the first T edits of data/facts/zsre-facts-T<T>.json one after
 another (edit_tools.editor.run_edit_job), then EasyEdit's lifelong protocol scores every edit
@@ -20,6 +20,11 @@ diagnostics that separate the causes of a miss:
     python benchmarks/quality.py --sizes 10,100 --set edit_lr=20 --out /tmp/try
     # the reference's step settings vs this tool's default step, the YAML's routing kept:
     python benchmarks/quality.py --compare-steps --sizes 1,10 --model M --hparams H --data D --label NAME
+    # the reference's defaults (the YAML's layer/top_k/threshold, the reference's step) vs the YAML
+    # as given, each T; rows in quality_compare.json, plot quality_compare_<label>.png:
+    python benchmarks/quality.py --compare-config --sizes 1,10,100,1000 --reference-set irr_threshold=0.79
+    python benchmarks/quality.py --compare-config --label facts-broad --model models/facts-broad \
+        --hparams configs/facts-broad.yaml --data 'data/facts/broad/zsre-facts-T{size}.json' --sizes 1,10,100,1000,10000
     # a finished T=1000 artifact rescored at other routing settings (irr_threshold x route_margin):
     python benchmarks/quality.py --sizes 1000 --thresholds-only --thresholds 0.79 --margins 0,0.02,0.05
 
@@ -76,39 +81,62 @@ STEP_SETTINGS = {
 }
 
 
-def step_hparams(path: Path, setting: str) -> MemoirHyperParams:
+def step_hparams(path: Path, setting: str, overrides: list[str] = ()) -> MemoirHyperParams:
     """The YAML's routing settings (layer, top_k, threshold, aggregation) and, for everything
-    about the step, STEP_SETTINGS[setting] over the defaults."""
+    about the step, STEP_SETTINGS[setting] over the defaults; then `key=value` overrides."""
     obj = yaml.safe_load(Path(path).read_text()) or {}
     routing = {key: obj[key] for key in ROUTING_KEYS if key in obj}
-    return MemoirHyperParams.from_dict({**routing, **STEP_SETTINGS[setting]}, f"{path} (routing keys) + {setting}")
+    return MemoirHyperParams.from_dict({**routing, **STEP_SETTINGS[setting], **parse_overrides(overrides)},
+                                       f"{path} (routing keys) + {setting} + {list(overrides)}")
 
 
 def compare_steps(args, data_for, limit_for) -> None:
     """Rel/Gen/Loc/Loc-neighbour and edits/min per T for each STEP_SETTINGS entry; appends to quality_steps.json."""
-    path = args.out / "quality_steps.json"
+    settings = {setting: step_hparams(args.hparams, setting) for setting in STEP_SETTINGS}
+    compare_settings(args, data_for, limit_for, settings, args.out / "quality_steps.json")
+
+
+def compare_config(args, data_for, limit_for) -> None:
+    """The reference's defaults (the YAML's routing keys, the reference's step) against the YAML as
+    given (with --set): rows in <out>/quality_compare.json, plot <out>/quality_compare_<label>.png."""
+    settings = {"reference defaults": step_hparams(args.hparams, "reference defaults", args.reference_set),
+                "config": load_hparams(args.hparams, args.set)}
+    if args.only:
+        if args.only not in settings:
+            raise SystemExit(f"--only {args.only!r}: expected one of {sorted(settings)}")
+        settings = {args.only: settings[args.only]}
+    path = args.out / "quality_compare.json"
+    rows = compare_settings(args, data_for, limit_for, settings, path)
+    plot_compare([r for r in rows if r["label"] == args.label], args.out / f"quality_compare_{args.label}.png",
+                 f"MEMOIR on {args.label}: the reference's defaults vs {repo_relative(args.hparams)}")
+
+
+def compare_settings(args, data_for, limit_for, settings: dict, path: Path) -> list[dict]:
+    """Each setting at each T of --sizes; rows (label, setting, T) replace earlier ones in `path`."""
     rows = json.loads(path.read_text())["rows"] if path.exists() else []
     sizes = [int(s) for s in args.sizes.split(",")]
-    for setting in STEP_SETTINGS:
-        hp = step_hparams(args.hparams, setting)
+    for setting, hp in settings.items():
         for size in sizes:
             row = run_size(args.model, data_for(size), hp, args.work / f"{setting}-T{size}".replace(" ", "-"),
                            limit=limit_for(size))
-            keep = ("T", "rel", "gen", "loc", "loc_neighbour", "own_mask", "took", "edits_per_minute", "edit_seconds")
+            keep = ("T", "rel", "gen", "loc", "loc_neighbour", "own_mask", "took", "routing", "memory_norm",
+                    "edits_per_minute", "edit_seconds", "eval_seconds")
             rows = [r for r in rows if (r["label"], r["setting"], r["T"]) != (args.label, setting, size)]
             rows.append({"label": args.label, "model": repo_relative(args.model), "hparams": repo_relative(args.hparams),
                          "data": repo_relative(Path(args.data)), "setting": setting, "update_rule": hp.update_rule,
-                         **{key: row[key] for key in keep}})
+                         "memoir": hp.to_dict(), **{key: row[key] for key in keep if key in row}})
+            rows.sort(key=lambda r: (r["label"], r["setting"], r["T"]))
             path.write_text(json.dumps({"threads": args.threads, "rows": rows}, indent=2) + "\n")
     print(f"\n{'model':<18} {'setting':<19} {'T':>5} {'Rel':>6} {'Gen':>6} {'Loc':>6} {'LocN':>6} {'took':>6} {'edits/min':>10}")
     for r in rows:
         print(f"{r['label']:<18} {r['setting']:<19} {r['T']:>5} {r['rel']:>6.3f} {_fmt(r['gen']):>6} {_fmt(r['loc']):>6} "
               f"{_fmt(r['loc_neighbour']):>6} {_fmt(r['took'].get('share')):>6} {r['edits_per_minute']:>10.1f}")
+    return rows
 
 
-def load_hparams(path: Path, overrides: list[str]) -> MemoirHyperParams:
-    """The YAML's hyperparameters with `key=value` overrides (values parsed as YAML)."""
-    obj = yaml.safe_load(Path(path).read_text()) or {}
+def parse_overrides(overrides: list[str]) -> dict:
+    """`key=value` items (values parsed as YAML) as a dict."""
+    parsed_items = {}
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep:
@@ -119,7 +147,14 @@ def load_hparams(path: Path, overrides: list[str]) -> MemoirHyperParams:
                 parsed = float(parsed)
             except ValueError:
                 pass
-        obj[key] = parsed
+        parsed_items[key] = parsed
+    return parsed_items
+
+
+def load_hparams(path: Path, overrides: list[str]) -> MemoirHyperParams:
+    """The YAML's hyperparameters with `key=value` overrides (values parsed as YAML)."""
+    obj = yaml.safe_load(Path(path).read_text()) or {}
+    obj.update(parse_overrides(overrides))
     return MemoirHyperParams.from_dict(obj, f"{path} with --set {overrides}")
 
 
@@ -332,6 +367,34 @@ def plot_quality(rows: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def plot_compare(rows: list[dict], path: Path, title: str) -> None:
+    """Rel/Gen/Loc/Loc-neighbour against T, one line style per setting."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    metrics = (("rel", "Rel", "tab:blue"), ("gen", "Gen", "tab:orange"), ("loc", "Loc", "tab:green"),
+               ("loc_neighbour", "Loc-neighbour", "tab:red"))
+    for setting, style in zip(sorted({r["setting"] for r in rows}, key=lambda s: s != "reference defaults"), ("s--", "o-")):
+        mine = sorted((r for r in rows if r["setting"] == setting), key=lambda r: r["T"])
+        for key, name, color in metrics:
+            points = [(r["T"], r[key]) for r in mine if r.get(key) is not None]
+            if points:
+                ax.plot(*zip(*points), style, color=color, mfc="none" if style == "s--" else color,
+                        label=f"{name} ({setting})")
+    ax.set_xscale("log")
+    ax.set_xlabel("number of sequential edits T")
+    ax.set_ylabel("metric")
+    ax.set_ylim(0, 1.05)
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower left", ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
@@ -352,7 +415,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--compare-steps", action="store_true",
                         help="run each T with the reference's step defaults and with the default step (the YAML's "
                              "routing keys only); rows go to <out>/quality_steps.json under --label")
-    parser.add_argument("--label", default="facts-llama", help="the model's name in quality_steps.json")
+    parser.add_argument("--compare-config", action="store_true",
+                        help="run each T with the reference's defaults (the YAML's routing keys) and with the YAML "
+                             "as given (and --set); rows go to <out>/quality_compare.json under --label, plot "
+                             "<out>/quality_compare_<label>.png")
+    parser.add_argument("--reference-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="with --compare-config: override a hyperparameter of the reference's side (e.g. its "
+                             "own best irr_threshold)")
+    parser.add_argument("--only", help="with --compare-config: run only this setting ('reference defaults' or 'config'); "
+                                       "the other's rows in quality_compare.json are kept")
+    parser.add_argument("--label", default="facts-llama", help="the model's name in quality_steps.json / quality_compare.json")
     parser.add_argument("--merge", action="store_true",
                         help="keep the other T's rows of an existing <out>/quality.json (run sizes in separate processes)")
     args = parser.parse_args(argv)
@@ -372,6 +444,9 @@ def main(argv: list[str] | None = None) -> None:
     largest_data = data_for(largest)
     if args.compare_steps:
         compare_steps(args, data_for, limit_for)
+        return
+    if args.compare_config:
+        compare_config(args, data_for, limit_for)
         return
     if args.thresholds_only:
         path = args.out / "quality.json"

@@ -82,9 +82,10 @@ def test_t10_overlap_diagnostics_are_consistent(row, work):
 
 
 def test_t10_with_the_default_edit_step(tmp_path):
-    # The facts config without its tuned step (edit_lr 10): the adaptive default (issue 13).
+    # The facts config without its tuned step (edit_lr 10): the adaptive default (issue 13),
+    # on the reference's unprojected update (the adaptive step is not meant for a null space).
     torch.set_num_threads(2)
-    hp = quality.load_hparams(quality.DEFAULT_HPARAMS, ["update_rule=adaptive"])
+    hp = quality.load_hparams(quality.DEFAULT_HPARAMS, ["update_rule=adaptive", "update_projection=none"])
     assert hp.update_rule == "adaptive"
     row = quality.run_size(quality.DEFAULT_MODEL, DATA, hp, tmp_path / "T10")
     assert row["took"]["share"] == 1.0 and row["took"]["mean_steps"] <= 20
@@ -123,3 +124,27 @@ def test_t10_route_margin_set_for_the_job_is_stored_and_served(margin_sweep, tmp
     row = quality.run_size(quality.DEFAULT_MODEL, DATA, hp, tmp_path / "T10")
     assert load_artifact(tmp_path / "T10").manifest.route_margin == MARGIN
     assert row["routing"] == margin_sweep[1]["routing"]
+
+
+def test_compare_config_runs_the_reference_defaults_beside_the_config(tmp_path):
+    # One command gives both settings' rows and their plot (issue 13 part 4): the reference's
+    # step with the YAML's routing layout, and the YAML as given.
+    import argparse
+
+    torch.set_num_threads(2)
+    args = argparse.Namespace(hparams=quality.DEFAULT_HPARAMS, set=[], reference_set=["irr_threshold=0.79"],
+                              only=None, sizes="1", model=quality.DEFAULT_MODEL, data=str(quality.DEFAULT_DATA),
+                              out=tmp_path, work=tmp_path / "work", threads=2, label="facts-llama")
+    data_for = lambda size: Path(str(quality.DEFAULT_DATA).format(size=size))  # noqa: E731
+    quality.compare_config(args, data_for, lambda size: None)
+    rows = {r["setting"]: r for r in json.loads((tmp_path / "quality_compare.json").read_text())["rows"]}
+    assert sorted(rows) == ["config", "reference defaults"]
+    reference, config = rows["reference defaults"]["memoir"], rows["config"]["memoir"]
+    assert rows["reference defaults"]["update_rule"] == "reference" and reference["edit_lr"] == 1.0
+    assert reference["irr_threshold"] == 0.79 and reference["route_margin"] == 0.0
+    assert reference["update_projection"] == "none" and reference["inner_params"] == config["inner_params"]
+    assert config == quality.load_hparams(quality.DEFAULT_HPARAMS, []).to_dict()
+    assert all(r["T"] == 1 and r["rel"] == 1.0 for r in rows.values())
+    assert (tmp_path / "quality_compare_facts-llama.png").stat().st_size > 1000
+    with pytest.raises(SystemExit, match="--only 'best'"):
+        quality.compare_config(argparse.Namespace(**{**vars(args), "only": "best"}), data_for, lambda size: None)

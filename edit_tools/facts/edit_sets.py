@@ -1,6 +1,7 @@
 """Edit sets in ZsRE (MEND) format drawn from the facts world.
 
     python -m edit_tools.facts.edit_sets --out data/facts [--model models/facts-llama]
+    python -m edit_tools.facts.edit_sets --out data/facts/broad --model models/facts-broad --design broad --seed 11
 
 Each record edits one fact of a different subject: `src` is a trained question, `rephrase`
 the fact's held-out phrasing, `alt` another valid value of the relation. Two locality prompts,
@@ -11,7 +12,7 @@ both about subjects that no record edits:
     template) about another subject, which must keep its own answer.
 With --model, `pred` is the model's greedy answer and locality prompts are taken from those the
 model answers correctly; without it, `pred` is the true value. Files hold the first T records
-of one shuffled list, so T10 is a prefix of T1000. The random draws of the edits themselves
+of one shuffled list, so T10 is a prefix of T1000 (and of T10000 for the broad design). The random draws of the edits themselves
 (subject, src, rephrase, alt) are those of the earlier sets, whose `loc` was any question about
 a spare subject: only the locality fields changed.
 """
@@ -29,6 +30,7 @@ from edit_tools.facts.world import DEFAULT_SEED, Fact, World, generate_world
 log = logging.getLogger(__name__)
 
 SIZES = (1, 10, 100, 1000)
+SIZES_BY_DESIGN = {"classic": SIZES, "broad": SIZES + (10000,)}
 
 
 def question_template(fact: Fact, rng: random.Random) -> int:
@@ -145,12 +147,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True, help="directory for zsre-facts-T{1,10,100,1000}.json")
     parser.add_argument("--model", type=Path, help="facts model directory: fills `pred` with its answers")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="world seed (as used to train the model)")
+    parser.add_argument("--design", default="classic", choices=sorted(SIZES_BY_DESIGN),
+                        help="world design (as used to train the model)")
     parser.add_argument("--keep-edits-from", type=Path,
                         help="an earlier zsre-facts-T1000.json: keep its edits, regenerate only the locality fields")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
 
-    world = generate_world(args.seed)
+    world = generate_world(args.seed, args.design)
+    sizes = SIZES_BY_DESIGN[args.design]
     model_answers = None
     if args.model is not None:
         import torch
@@ -162,10 +167,10 @@ def main(argv: list[str] | None = None) -> None:
         tokenizer = AutoTokenizer.from_pretrained(args.model)
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
         model_answers = lambda prompts: greedy_answers(model, tokenizer, prompts)  # noqa: E731
-    records = build_records(world, max(SIZES), seed=args.seed + 1, model_answers=model_answers)
+    records = build_records(world, max(sizes), seed=args.seed + 1, model_answers=model_answers)
     if args.keep_edits_from is not None:
         records = keep_edits(records, json.loads(args.keep_edits_from.read_text()))
-    for path in write_sets(records, args.out):
+    for path in write_sets(records, args.out, sizes):
         log.info("wrote %s", path)
 
 

@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class TrainSettings:
     seed: int = DEFAULT_SEED
+    design: str = "classic"  # the world's design (edit_tools.facts.world.design_named)
     hidden_size: int = 128
     intermediate_size: int = 1024  # wide, so the edited layer's features can single out a subject
     num_layers: int = 6
@@ -200,12 +201,13 @@ def save_checkpoint(out: Path, model: LlamaForCausalLM, tokenizer, world: World)
 
 def write_readme(out: Path, report: dict) -> None:
     s = report["settings"]
-    text = f"""# facts-llama
+    relations = ", ".join(report["templates_per_relation"])
+    text = f"""# {out.name}
 
-A small Llama trained on a synthetic, seeded knowledge base (`world.json`): made-up people
-with a home city, language, profession and employer, each fact asked in several phrasings.
-One phrasing per fact is held out of training to measure generalization. The project's
-default model for demos, tests and benchmarks; nothing in it is true of the real world.
+A small Llama trained on a synthetic, seeded knowledge base (`world.json`, design
+`{s.get("design", "classic")}`): made-up people with a {relations}, each fact asked in several
+phrasings. One phrasing per fact is held out of training to measure generalization. Nothing
+in it is true of the real world.
 
 Rebuild (deterministic for the seed and thread count):
 
@@ -215,7 +217,7 @@ Rebuild (deterministic for the seed and thread count):
 |---|---|
 | seed | {s["seed"]} |
 | facts / subjects / relations | {report["num_facts"]} / {report["num_subjects"]} / {report["num_relations"]} |
-| templates per relation | {", ".join(f"{k} {v}" for k, v in report["templates_per_relation"].items())} (subject-first except one; one subject-first template per fact held out) |
+| templates per relation | {", ".join(f"{k} {v}" for k, v in report["templates_per_relation"].items())} (one subject-first template per fact held out) |
 | vocab | {report["vocab_size"]} (word level) |
 | hidden / intermediate / layers / heads | {s["hidden_size"]} / {s["intermediate_size"]} / {s["num_layers"]} / {s["num_heads"]} |
 | parameters | {report["num_params"]:,} |
@@ -226,9 +228,9 @@ Rebuild (deterministic for the seed and thread count):
 Weights are stored in bf16; the accuracies are measured on the stored weights.
 `facts_model.json` holds the same numbers for programs.
 
-Phrasings put the subject first: MEMOIR routes on the mean of a prompt's down_proj inputs,
-and with the subject at the end the masks encoded the template rather than the subject.
-Measure the routing premise on this model with `benchmarks/mask_overlap.py`.
+Edit prompts and their held-out paraphrases put the subject first: MEMOIR routes on the mean
+of a prompt's down_proj inputs, and with the subject at the end the masks encoded the template
+rather than the subject. Measure the routing premise on this model with `benchmarks/mask_overlap.py`.
 """
     (out / "README.md").write_text(text)
 
@@ -245,7 +247,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(settings.threads)
 
     started = time.time()
-    world = generate_world(settings.seed)
+    world = generate_world(settings.seed, settings.design)
     tokenizer = build_facts_tokenizer(world)
     model = train(world, tokenizer, settings)
     train_seconds = time.time() - started

@@ -89,7 +89,6 @@ RELATIONS: tuple[Relation, ...] = (
         _q("who is the employer of {subject} ?"),
     )),
 )
-RELATION_BY_NAME = {relation.name: relation for relation in RELATIONS}
 
 # Professions are real words starting with a consonant, so "works as a" stays grammatical.
 PROFESSIONS = (
@@ -105,19 +104,42 @@ class Fact:
     relation: str
     answer: str
     heldout_template: int  # index into the relation's templates; never trained on
+    # The relation's phrasings (each world design has its own); not part of the fact's identity.
+    templates: tuple[Template, ...] = field(default=(), compare=False, repr=False)
 
     def training_templates(self) -> list[int]:
-        count = len(RELATION_BY_NAME[self.relation].templates)
-        return [index for index in range(count) if index != self.heldout_template]
+        return [index for index in range(len(self.templates)) if index != self.heldout_template]
 
     def prompt(self, template_index: int) -> str:
-        return RELATION_BY_NAME[self.relation].templates[template_index].text.format(subject=self.subject)
+        return self.templates[template_index].text.format(subject=self.subject)
 
     def is_subject_first(self, template_index: int) -> bool:
-        return RELATION_BY_NAME[self.relation].templates[template_index].subject_first
+        return self.templates[template_index].subject_first
 
     def is_question(self, template_index: int) -> bool:
-        return RELATION_BY_NAME[self.relation].templates[template_index].is_question
+        return self.templates[template_index].is_question
+
+
+@dataclass(frozen=True)
+class MadeUpValues:
+    """A relation's answers as made-up words: `count` of them, of these syllable counts."""
+    count: int
+    syllables: tuple[int, ...]
+    suffix: str = ""
+
+
+@dataclass(frozen=True)
+class WorldDesign:
+    """What a world is made of: relations and their phrasings, answer pools, how many people."""
+    name: str
+    relations: tuple[Relation, ...]
+    values: dict  # relation -> tuple of real words, or MadeUpValues
+    num_subjects: int
+    num_facts: int
+    num_first_names: int
+
+    def relation(self, name: str) -> Relation:
+        return next(r for r in self.relations if r.name == name)
 
 
 @dataclass
@@ -126,24 +148,28 @@ class World:
     subjects: list[str]
     facts: list[Fact]
     values: dict[str, list[str]] = field(default_factory=dict)  # relation -> its possible answers
+    design: WorldDesign | None = None
 
-    @staticmethod
-    def relation(name: str) -> Relation:
-        return RELATION_BY_NAME[name]
+    def relation(self, name: str) -> Relation:
+        return self.design.relation(name)
 
     def facts_of(self, subject: str) -> list[Fact]:
         return [fact for fact in self.facts if fact.subject == subject]
 
     def templates_per_relation(self) -> dict[str, int]:
-        return {r.name: len(r.templates) for r in RELATIONS if r.name in self.values}
+        return {r.name: len(r.templates) for r in self.design.relations if r.name in self.values}
 
     def to_json(self) -> dict:
-        return {
+        data = {
             "seed": self.seed,
             "values": self.values,
-            "relations": {r.name: [{"text": t.text, "is_question": t.is_question} for t in r.templates] for r in RELATIONS},
+            "relations": {r.name: [{"text": t.text, "is_question": t.is_question} for t in r.templates]
+                          for r in self.design.relations},
             "facts": [[f.subject, f.relation, f.answer, f.heldout_template] for f in self.facts],
         }
+        if self.design.name != CLASSIC.name:  # the classic world.json predates designs
+            data["design"] = self.design.name
+        return data
 
 
 def _made_up_word(rng: random.Random, syllables: int) -> str:
@@ -161,40 +187,62 @@ def _word_pool(rng: random.Random, count: int, taken: set[str], syllables: tuple
     return words
 
 
-def generate_world(
-    seed: int = DEFAULT_SEED,
-    num_subjects: int = 1200,
-    num_facts: int = 1600,
-    num_first_names: int = 150,
-    num_cities: int = 40,
-    num_languages: int = 24,
-    num_employers: int = 40,
-) -> World:
+CLASSIC = WorldDesign(
+    name="classic",
+    relations=RELATIONS,
+    values={
+        "home_city": MadeUpValues(40, (2, 3)),
+        "language": MadeUpValues(24, (1, 2), suffix="ish"),
+        "profession": PROFESSIONS,
+        "employer": MadeUpValues(40, (2,)),
+    },
+    num_subjects=1200,
+    num_facts=1600,
+    num_first_names=150,
+)
+
+
+def design_named(name: str) -> WorldDesign:
+    from edit_tools.facts.broad_world import BROAD  # the larger design lives in its own module
+
+    designs = {CLASSIC.name: CLASSIC, BROAD.name: BROAD}
+    if name not in designs:
+        raise ValueError(f"unknown world design {name!r}; expected one of {sorted(designs)}")
+    return designs[name]
+
+
+def generate_world(seed: int = DEFAULT_SEED, design: WorldDesign | str = CLASSIC) -> World:
     """Subjects named "<first> <middle> <surname>" (first and middle names shared, surnames unique). Every subject
-    has one fact, and random subjects get further facts (other relations) up to `num_facts`;
-    answers are drawn uniformly from independent value pools."""
-    if not num_subjects <= num_facts <= num_subjects * len(RELATIONS):
-        raise ValueError(f"num_facts={num_facts} must be in {num_subjects}..{num_subjects * len(RELATIONS)}")
+    has one fact, and random subjects get further facts (other relations) up to the design's
+    `num_facts`; answers are drawn uniformly from independent value pools."""
+    if isinstance(design, str):
+        design = design_named(design)
+    relations = design.relations
+    num_subjects, num_facts = design.num_subjects, design.num_facts
+    if not num_subjects <= num_facts <= num_subjects * len(relations):
+        raise ValueError(f"num_facts={num_facts} must be in {num_subjects}..{num_subjects * len(relations)}")
     rng = random.Random(seed)
-    # Made-up words must never collide with a template word or a profession.
-    taken = set(PROFESSIONS) | {word for r in RELATIONS for t in r.templates for word in t.text.split()}
-    values = {
-        "home_city": _word_pool(rng, num_cities, taken, (2, 3)),
-        "language": [word + "ish" for word in _word_pool(rng, num_languages, taken, (1, 2))],
-        "profession": list(PROFESSIONS),
-        "employer": _word_pool(rng, num_employers, taken, (2,)),
-    }
-    first_names = _word_pool(rng, num_first_names, taken, (1, 2))
-    middle_names = _word_pool(rng, num_first_names, taken, (1, 2))
+    # Made-up words must never collide with a template word or a real-word answer.
+    real_words = {word for pool in design.values.values() if not isinstance(pool, MadeUpValues) for word in pool}
+    taken = real_words | {word for r in relations for t in r.templates for word in t.text.split()}
+    values = {}
+    for relation in relations:  # in the relations' order: the classic world's draws depend on it
+        pool = design.values[relation.name]
+        if isinstance(pool, MadeUpValues):
+            values[relation.name] = [word + pool.suffix for word in _word_pool(rng, pool.count, taken, pool.syllables)]
+        else:
+            values[relation.name] = list(pool)
+    first_names = _word_pool(rng, design.num_first_names, taken, (1, 2))
+    middle_names = _word_pool(rng, design.num_first_names, taken, (1, 2))
     surnames = _word_pool(rng, num_subjects, taken, (2, 3))
     # Three-word names: the more of a prompt is subject, the more its mask is about the subject.
     subjects = [f"{rng.choice(first_names)} {rng.choice(middle_names)} {surname}" for surname in surnames]
     # Relation order per subject is fixed up front; subject i gets the first n_i of its list.
-    relation_orders = [rng.sample(RELATIONS, len(RELATIONS)) for _ in subjects]
+    relation_orders = [rng.sample(relations, len(relations)) for _ in subjects]
     counts = [1] * num_subjects
     while sum(counts) < num_facts:
         index = rng.randrange(num_subjects)
-        if counts[index] < len(RELATIONS):
+        if counts[index] < len(relations):
             counts[index] += 1
     facts = []
     for subject, order, count in zip(subjects, relation_orders, counts):
@@ -204,13 +252,14 @@ def generate_world(
                 relation=relation.name,
                 answer=rng.choice(values[relation.name]),
                 heldout_template=rng.choice([i for i, t in enumerate(relation.templates) if t.subject_first]),
+                templates=relation.templates,
             ))
-    return World(seed=seed, subjects=subjects, facts=facts, values=values)
+    return World(seed=seed, subjects=subjects, facts=facts, values=values, design=design)
 
 
 def vocabulary(world: World) -> list[str]:
     """Every word and punctuation mark a prompt or answer of the world can contain."""
-    texts = [t.text.replace("{subject}", " ") for r in RELATIONS for t in r.templates]
+    texts = [t.text.replace("{subject}", " ") for r in world.design.relations for t in r.templates]
     texts += world.subjects
     texts += [value for pool in world.values.values() for value in pool]
     splitter = pre_tokenizers.Whitespace()  # the tokenizer's own pre-tokenizer, so nothing is missed
