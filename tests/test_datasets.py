@@ -352,9 +352,10 @@ def test_a_record_of_another_format_is_named(tmp_path, kind):
 
 @pytest.mark.parametrize("folder, seed, design", [("", None, "classic"), ("wide", 7, "classic"), ("broad", 11, "broad")])
 def test_facts_edit_sets_have_unrelated_and_neighbour_locality(folder, seed, design):
-    from edit_tools.facts.world import DEFAULT_SEED, generate_world
+    from edit_tools.facts.designs import world_of
+    from edit_tools.facts.world import DEFAULT_SEED
 
-    world = generate_world(DEFAULT_SEED if seed is None else seed, design)
+    world = world_of(DEFAULT_SEED if seed is None else seed, design)
     facts = {(f.subject, f.relation): f for f in world.facts}
     subjects = sorted(world.subjects, key=len, reverse=True)  # longest first: no name is a prefix match
     path = Path(__file__).resolve().parents[1] / "data" / "facts" / folder / "zsre-facts-T1000.json"

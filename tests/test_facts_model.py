@@ -10,7 +10,7 @@ import torch
 
 from edit_tools.facts.answers import answer_accuracy
 from edit_tools.facts.train import sample_prompts
-from edit_tools.facts.world import generate_world
+from edit_tools.facts.designs import world_of
 
 REPO = Path(__file__).resolve().parents[1]
 # The shipped facts models: (checkpoint, its edit sets, the edit-set sizes, checkpoint size bound).
@@ -34,7 +34,7 @@ def report(shipped) -> dict:
 
 def _world_of(report: dict, seed_offset: int = 0):
     settings = report["settings"]
-    return generate_world(settings["seed"] + seed_offset, settings.get("design", "classic"))
+    return world_of(settings["seed"] + seed_offset, settings.get("design", "classic"))
 
 
 @pytest.fixture(scope="module")
@@ -64,14 +64,14 @@ def test_world_is_deterministic_and_matches_the_shipped_one(shipped, world, repo
 def test_the_broad_world_has_what_routing_needs():
     """Issue 13 part 2: >= 15 phrasings per relation, questions and statements, the subject first
     and last, and enough people for 10,000 edits on distinct subjects plus locality prompts."""
-    world = generate_world(11, "broad")
+    world = world_of(11, "broad")
     assert len(world.values) >= 6 and len(world.subjects) >= 10500
     for relation in world.design.relations:
         kinds = {(t.is_question, t.subject_first) for t in relation.templates}
         assert len(relation.templates) >= 15 and kinds == {(True, True), (True, False), (False, True), (False, False)}
         assert len({t.text.split()[1] for t in relation.templates if t.subject_first}) >= 5, "other words, not only order"
     with pytest.raises(ValueError, match="unknown world design 'wide'"):
-        generate_world(11, "wide")
+        world_of(11, "wide")
 
 
 def test_tokenizer_covers_every_prompt_and_adds_bos(world, model_and_tokenizer):

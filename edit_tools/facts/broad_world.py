@@ -9,7 +9,7 @@ word orders), 10,600 people (10,000 to edit, the rest for locality prompts).
 
 from __future__ import annotations
 
-from edit_tools.facts.world import MadeUpValues, Relation, Template, WorldDesign
+from edit_tools.facts.world import PROFESSIONS, MadeUpValues, Relation, Template, WorldDesign
 
 
 def _relation(name: str, questions_first, statements_first, questions_last, statements_last) -> Relation:
@@ -87,11 +87,6 @@ RELATIONS = (
     ),
 )
 
-PROFESSIONS = (
-    "baker", "pilot", "nurse", "farmer", "teacher", "lawyer", "painter", "sailor", "doctor", "chemist",
-    "banker", "tailor", "carpenter", "dentist", "judge", "miner", "potter", "poet", "singer", "surgeon",
-    "weaver", "writer", "builder", "cook", "gardener", "jeweler", "librarian", "mechanic", "plumber", "translator",
-)
 INSTRUMENTS = (
     "violin", "piano", "flute", "drums", "harp", "cello", "trumpet", "guitar", "oboe", "banjo", "clarinet",
     "organ", "accordion", "trombone", "saxophone", "ukulele",

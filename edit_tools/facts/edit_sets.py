@@ -25,7 +25,8 @@ import logging
 import random
 from pathlib import Path
 
-from edit_tools.facts.world import DEFAULT_SEED, Fact, World, generate_world
+from edit_tools.facts.designs import world_of
+from edit_tools.facts.world import DEFAULT_SEED, Fact, World
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
 
-    world = generate_world(args.seed, args.design)
+    world = world_of(args.seed, args.design)
     sizes = SIZES_BY_DESIGN[args.design]
     model_answers = None
     if args.model is not None:

@@ -22,7 +22,8 @@ import torch
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
 from edit_tools.facts.answers import answer_accuracy
-from edit_tools.facts.world import DEFAULT_SEED, World, build_facts_tokenizer, generate_world
+from edit_tools.facts.designs import world_of
+from edit_tools.facts.world import DEFAULT_SEED, World, build_facts_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class TrainSettings:
     seed: int = DEFAULT_SEED
-    design: str = "classic"  # the world's design (edit_tools.facts.world.design_named)
+    design: str = "classic"  # the world's design (edit_tools.facts.designs)
     hidden_size: int = 128
     intermediate_size: int = 1024  # wide, so the edited layer's features can single out a subject
     num_layers: int = 6
@@ -247,7 +248,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(settings.threads)
 
     started = time.time()
-    world = generate_world(settings.seed, settings.design)
+    world = world_of(settings.seed, settings.design)
     tokenizer = build_facts_tokenizer(world)
     model = train(world, tokenizer, settings)
     train_seconds = time.time() - started

@@ -202,21 +202,10 @@ CLASSIC = WorldDesign(
 )
 
 
-def design_named(name: str) -> WorldDesign:
-    from edit_tools.facts.broad_world import BROAD  # the larger design lives in its own module
-
-    designs = {CLASSIC.name: CLASSIC, BROAD.name: BROAD}
-    if name not in designs:
-        raise ValueError(f"unknown world design {name!r}; expected one of {sorted(designs)}")
-    return designs[name]
-
-
-def generate_world(seed: int = DEFAULT_SEED, design: WorldDesign | str = CLASSIC) -> World:
+def generate_world(seed: int = DEFAULT_SEED, design: WorldDesign = CLASSIC) -> World:
     """Subjects named "<first> <middle> <surname>" (first and middle names shared, surnames unique). Every subject
     has one fact, and random subjects get further facts (other relations) up to the design's
     `num_facts`; answers are drawn uniformly from independent value pools."""
-    if isinstance(design, str):
-        design = design_named(design)
     relations = design.relations
     num_subjects, num_facts = design.num_subjects, design.num_facts
     if not num_subjects <= num_facts <= num_subjects * len(relations):
