@@ -376,12 +376,14 @@ def plot_compare(rows: list[dict], path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     metrics = (("rel", "Rel", "tab:blue"), ("gen", "Gen", "tab:orange"), ("loc", "Loc", "tab:green"),
                ("loc_neighbour", "Loc-neighbour", "tab:red"))
-    for setting, style in zip(sorted({r["setting"] for r in rows}, key=lambda s: s != "reference defaults"), ("s--", "o-")):
+    styles = {"reference defaults": "s--", "config": "o-"}  # any other setting: dotted triangles
+    for setting in sorted({r["setting"] for r in rows}, key=lambda s: (s not in styles, s != "reference defaults", s)):
+        style = styles.get(setting, "^:")
         mine = sorted((r for r in rows if r["setting"] == setting), key=lambda r: r["T"])
         for key, name, color in metrics:
             points = [(r["T"], r[key]) for r in mine if r.get(key) is not None]
             if points:
-                ax.plot(*zip(*points), style, color=color, mfc="none" if style == "s--" else color,
+                ax.plot(*zip(*points), style, color=color, mfc=color if style == "o-" else "none",
                         label=f"{name} ({setting})")
     ax.set_xscale("log")
     ax.set_xlabel("number of sequential edits T")
