@@ -110,4 +110,5 @@ BROAD = WorldDesign(
     num_subjects=10600,
     num_facts=11000,
     num_first_names=300,
+    edit_set_sizes=(1, 10, 100, 1000, 10000),
 )

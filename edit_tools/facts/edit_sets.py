@@ -25,13 +25,12 @@ import logging
 import random
 from pathlib import Path
 
-from edit_tools.facts.designs import world_of
-from edit_tools.facts.world import DEFAULT_SEED, Fact, World
+from edit_tools.facts.designs import DESIGNS, world_of
+from edit_tools.facts.world import CLASSIC, DEFAULT_SEED, Fact, World
 
 log = logging.getLogger(__name__)
 
-SIZES = (1, 10, 100, 1000)
-SIZES_BY_DESIGN = {"classic": SIZES, "broad": SIZES + (10000,)}
+SIZES = CLASSIC.edit_set_sizes
 
 
 def question_template(fact: Fact, rng: random.Random) -> int:
@@ -148,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True, help="directory for zsre-facts-T{1,10,100,1000}.json")
     parser.add_argument("--model", type=Path, help="facts model directory: fills `pred` with its answers")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="world seed (as used to train the model)")
-    parser.add_argument("--design", default="classic", choices=sorted(SIZES_BY_DESIGN),
+    parser.add_argument("--design", default=CLASSIC.name, choices=sorted(DESIGNS),
                         help="world design (as used to train the model)")
     parser.add_argument("--keep-edits-from", type=Path,
                         help="an earlier zsre-facts-T1000.json: keep its edits, regenerate only the locality fields")
@@ -156,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
 
     world = world_of(args.seed, args.design)
-    sizes = SIZES_BY_DESIGN[args.design]
+    sizes = world.design.edit_set_sizes
     model_answers = None
     if args.model is not None:
         import torch

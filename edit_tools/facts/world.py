@@ -137,6 +137,7 @@ class WorldDesign:
     num_subjects: int
     num_facts: int
     num_first_names: int
+    edit_set_sizes: tuple[int, ...] = (1, 10, 100, 1000)  # T of the edit sets drawn from it
 
     def relation(self, name: str) -> Relation:
         return next(r for r in self.relations if r.name == name)
