@@ -10,9 +10,11 @@ Routing works when (b) sits well above (c), so that one irr_threshold separates 
     python benchmarks/mask_overlap.py --model models/facts-llama --data data/facts/zsre-facts-T1000.json \
         --layer 3,4 --top-k 256,300 --n 1000 [--plot benchmarks/results/mask_overlap.png]
 
---layer and --top-k take comma lists to sweep several designs in one run. The background mean
-(for `mean_decentered`) is computed over the `loc` prompts of the records after the first N
-(or of all records when there are none left).
+--layer, --top-k and --components take comma lists to sweep several designs in one run. The
+background (for `mean_decentered`) is computed over --background-texts, else over the `loc`
+prompts of the records after the first N (or of all records when there are none left);
+--components N removes its top N principal directions from every feature first (the routing
+key of hyperparameter background_components).
 """
 
 from __future__ import annotations
@@ -25,9 +27,10 @@ from pathlib import Path
 
 import torch
 
-from edit_tools.background import compute_background_mean
+from edit_tools.background import compute_background
+from edit_tools.datasets import load_text_pool
 from edit_tools.hf_model import MemoirHFModel
-from vllm_memoir.core.tophash import overlap_counts, pack_indices, tophash_indices
+from vllm_memoir.core.tophash import overlap_counts, pack_indices, remove_background_components, tophash_indices
 
 log = logging.getLogger("mask_overlap")
 
@@ -109,7 +112,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--layer", default="3", help="edited layer(s), e.g. 3 or 2,3,4")
     parser.add_argument("--top-k", default="256", help="mask size(s), e.g. 256 or 200,300")
     parser.add_argument("--n", type=int, default=100, help="edits (and their paraphrase and loc prompts) to compare")
-    parser.add_argument("--background", type=int, default=200, help="loc prompts averaged for the background mean")
+    parser.add_argument("--background", type=int, default=200, help="background texts (at most) for the background")
+    parser.add_argument("--background-texts", type=Path, help="a .txt or dataset file of background texts")
+    parser.add_argument("--components", default="0", help="background principal directions removed, e.g. 0 or 0,128,512")
     parser.add_argument("--aggregation", default="mean_decentered")
     parser.add_argument("--plot", type=Path, help="histogram PNG; one per design, named <stem>_L<layer>_k<top_k>.png")
     parser.add_argument("--json", type=Path, help="write the summary table as JSON")
@@ -125,7 +130,11 @@ def main(argv: list[str] | None = None) -> None:
     spare = records[args.n:] or records
     if spare is records:
         log.warning("no records beyond the first %d: the background mean includes the unrelated prompts", args.n)
-    background_prompts = list(dict.fromkeys(r["loc"] for r in spare))[:args.background]
+    if args.background_texts:
+        background_prompts = load_text_pool(args.background_texts, limit=args.background)
+    else:
+        background_prompts = list(dict.fromkeys(r["loc"] for r in spare))[:args.background]
+    components_list = [int(v) for v in args.components.split(",")]
     layers = [int(v) for v in args.layer.split(",")]
     top_ks = [int(v) for v in args.top_k.split(",")]
     prompts = {
@@ -137,28 +146,32 @@ def main(argv: list[str] | None = None) -> None:
     table = []
     for layer in layers:
         hf = MemoirHFModel.from_pretrained(args.model, module_path=f"model.layers.{layer}.mlp.down_proj")
-        background = compute_background_mean(hf, background_prompts)
-        features = {name: hf.prompt_features(texts, args.aggregation, background, batch_size=128)
-                    for name, texts in prompts.items()}
-        for top_k in top_ks:
+        background = compute_background(hf, background_prompts, max(components_list), batch_size=128)
+        raw = {name: hf.prompt_features(texts, args.aggregation, background.mean, batch_size=128)
+               for name, texts in prompts.items()}
+        for top_k, components in ((k, c) for k in top_ks for c in components_list):
+            basis = background.basis[:components] if components else None
+            features = {name: remove_background_components(f, basis) for name, f in raw.items()}
             d = overlap_distributions(features["edit"], features["paraphrase"], features["unrelated"], top_k)
             threshold, balanced = best_threshold(d.paraphrase_own, d.unrelated_best)
             table.append({
-                "layer": layer, "top_k": top_k, "n": args.n, "aggregation": args.aggregation,
+                "layer": layer, "top_k": top_k, "components": components, "background_texts": len(background_prompts),
+                "n": args.n, "aggregation": args.aggregation,
                 "other_edit_best": quantiles(d.other_edit_best),
                 "paraphrase_own": quantiles(d.paraphrase_own),
                 "paraphrase_best_is_own": d.paraphrase_best_is_own.float().mean().item(),
                 "unrelated_best": quantiles(d.unrelated_best),
                 "threshold": threshold, "balanced_accuracy": balanced,
             })
-            print(f"\nlayer {layer}  top_k {top_k}  ({args.aggregation}, {args.n} edits)")
+            print(f"\nlayer {layer}  top_k {top_k}  components {components}  ({args.aggregation}, {args.n} edits)")
             print(describe("(a) edit vs other edits, best", d.other_edit_best))
             print(describe("(b) paraphrase vs own edit", d.paraphrase_own))
             print(f"      paraphrase's best match is its own edit: {d.paraphrase_best_is_own.float().mean():.3f}")
             print(describe("(c) unrelated vs any edit, best", d.unrelated_best))
             print(f"  best irr_threshold {threshold:.3f}: balanced accuracy {balanced:.3f}")
             if args.plot:
-                path = args.plot.with_name(f"{args.plot.stem}_L{layer}_k{top_k}{args.plot.suffix or '.png'}")
+                suffix = f"_c{components}" if components else ""
+                path = args.plot.with_name(f"{args.plot.stem}_L{layer}_k{top_k}{suffix}{args.plot.suffix or '.png'}")
                 plot_histogram(d, f"{Path(args.model).name}: layer {layer}, top_k {top_k}, {args.n} edits", path)
                 log.info("wrote %s", path)
     if args.json:

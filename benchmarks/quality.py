@@ -57,7 +57,7 @@ from edit_tools.evaluate import edit_rows, evaluate_edits  # noqa: E402
 from edit_tools.hf_model import MemoirHFModel  # noqa: E402
 from edit_tools.hparams import MemoirHyperParams  # noqa: E402
 from vllm_memoir.core import MemoirArtifact  # noqa: E402
-from vllm_memoir.core.tophash import route_gap, top_two_overlaps, unpack_indices  # noqa: E402
+from vllm_memoir.core.tophash import remove_background_components, route_gap, top_two_overlaps, unpack_indices  # noqa: E402
 
 log = logging.getLogger("quality")
 
@@ -200,10 +200,11 @@ def edits_taken(artifact: MemoirArtifact) -> dict:
 
 
 def overlap_summary(hf: MemoirHFModel, artifact: MemoirArtifact, requests: list[EditRequest]):
-    """mask_overlap's three distributions for this artifact's design and background."""
+    """mask_overlap's three distributions for this artifact's design and background (on the
+    routing keys, as served)."""
     manifest = artifact.manifest
     features = {
-        name: hf.prompt_features(texts, manifest.aggregation, artifact.background_mean, batch_size=128)
+        name: routing_keys(hf, artifact, texts)
         for name, texts in (("edit", [r.prompt for r in requests]), ("paraphrase", [r.rephrase for r in requests]),
                             ("unrelated", [r.loc for r in requests]))
     }
@@ -289,12 +290,19 @@ def threshold_sweep(model: Path, artifact_dir: Path, data: Path, thresholds: lis
     return rows
 
 
+def routing_keys(hf: MemoirHFModel, artifact: MemoirArtifact, texts: list[str]) -> torch.Tensor:
+    """[N, D] what TopHash ranks for each text when the artifact is served: its feature, with
+    the background's principal directions removed when the artifact has them."""
+    features = hf.prompt_features(texts, artifact.manifest.aggregation, artifact.background_mean, batch_size=128)
+    return remove_background_components(features, artifact.background_basis)
+
+
 def route_gaps(hf: MemoirHFModel, artifact: MemoirArtifact, texts: list[str]) -> dict:
     """Each prompt's best enabled edit, its overlap and its gap to the second best (route_gap),
     from the artifact's stored masks: what routing at any threshold and margin would see."""
     router = hf.layer.router
-    features = hf.prompt_features(texts, artifact.manifest.aggregation, artifact.background_mean, batch_size=128)
-    best, row, second = top_two_overlaps(router.query_masks(features), router.masks, router.enabled)
+    best, row, second = top_two_overlaps(router.query_masks(routing_keys(hf, artifact, texts)), router.masks,
+                                         router.enabled)
     return {"best_edit": row, "overlap": best.clamp(min=0).float() / router.top_k,
             "gap": route_gap(best, second, router.top_k)}
 

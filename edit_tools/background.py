@@ -1,13 +1,16 @@
-"""Background features: the mean down_proj input at the edited layer over irrelevant texts.
+"""Background features: the mean down_proj input at the edited layer over irrelevant texts,
+and (with background_components) the top principal directions of the texts' features.
 
-`mean_decentered` subtracts it from each prompt feature so masks reflect what is specific to
-a prompt rather than what every prompt shares.
+`mean_decentered` subtracts the mean from each prompt feature so masks reflect what is specific
+to a prompt rather than what every prompt shares; removing the principal directions as well
+drops what prompts of one phrasing share whoever they are about (core remove_background_components).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,6 +21,7 @@ from .hf_model import MemoirHFModel
 
 logger = logging.getLogger(__name__)
 BACKGROUND_KEY = "background_mean"
+BASIS_KEY = "background_basis"
 REFERENCE_ROWS = 100  # the reference averages the first 100 rows of its saved [N, D] features
 
 
@@ -27,14 +31,37 @@ def compute_background_mean(hf: MemoirHFModel, texts: list[str], batch_size: int
     span when it has one). Returns [D] float32."""
     if not texts:
         raise ValueError("background features need at least one text")
-    return hf.prompt_features(texts, "mean", batch_size=batch_size).mean(0)
+    return compute_background(hf, texts, batch_size=batch_size).mean
 
 
-def save_background(mean: torch.Tensor, path: str | Path) -> None:
+@dataclass
+class Background:
+    mean: torch.Tensor  # [D] float32
+    basis: torch.Tensor | None = None  # [r, D] float32, orthonormal rows: the top principal directions
+
+
+def compute_background(hf: MemoirHFModel, texts: list[str], components: int = 0, batch_size: int = 16) -> Background:
+    """The background mean and, when components > 0, the top `components` principal directions
+    of the texts' features around it (right singular vectors of the centred [N, D] features)."""
+    if components and components >= len(texts):
+        raise ValueError(f"background_components {components} needs more background texts than components; "
+                         f"got {len(texts)} texts")
+    features = hf.prompt_features(texts, "mean", batch_size=batch_size)
+    mean = features.mean(0)
+    if not components:
+        return Background(mean)
+    _, _, vh = torch.linalg.svd((features - mean).double(), full_matrices=False)
+    return Background(mean, vh[:components].float().contiguous())
+
+
+def save_background(mean: torch.Tensor, path: str | Path, basis: torch.Tensor | None = None) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    save_file({BACKGROUND_KEY: mean.float().contiguous()}, str(tmp))
+    tensors = {BACKGROUND_KEY: mean.float().contiguous()}
+    if basis is not None:
+        tensors[BASIS_KEY] = basis.float().contiguous()
+    save_file(tensors, str(tmp))
     umask = os.umask(0)
     os.umask(umask)
     tmp.chmod(0o666 & ~umask)  # save_file creates 0600; the file is read by jobs and servers of other users
@@ -42,7 +69,13 @@ def save_background(mean: torch.Tensor, path: str | Path) -> None:
 
 
 def load_background(path: str | Path, dim: int) -> torch.Tensor:
-    """Read background features from a .safetensors file (see `memoir convert` for .pt files)."""
+    """Read the background mean from a .safetensors file (see `memoir convert` for .pt files)."""
+    return read_background(path, dim).mean
+
+
+def read_background(path: str | Path, dim: int, components: int = 0) -> Background:
+    """Read background features from a .safetensors file: the mean and, when components > 0, the
+    first `components` rows of its principal directions (the file must hold at least that many)."""
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"{path}: background features load from .safetensors only; convert a .pt file with `memoir convert`")
@@ -56,7 +89,18 @@ def load_background(path: str | Path, dim: int) -> torch.Tensor:
         raise ValueError(f"{path}: background_mean has shape {tuple(mean.shape)}, the edited layer needs ({dim},)")
     if not bool(torch.isfinite(mean).all()):
         raise ValueError(f"{path}: background_mean contains NaN or Inf")
-    return mean
+    if not components:
+        return Background(mean)
+    with safe_open(str(path), framework="pt") as handle:
+        basis = handle.get_tensor(BASIS_KEY).float() if BASIS_KEY in handle.keys() else None
+    held = 0 if basis is None else basis.shape[0]
+    if basis is None or basis.dim() != 2 or basis.shape[1] != dim or held < components:
+        raise ValueError(f"{path}: background_components {components} needs a {BASIS_KEY!r} tensor of at least "
+                         f"{components} rows of width {dim}, found {None if basis is None else tuple(basis.shape)}; "
+                         f"compute one with `memoir background --components {components}`")
+    if not bool(torch.isfinite(basis).all()):
+        raise ValueError(f"{path}: {BASIS_KEY} contains NaN or Inf")
+    return Background(mean, basis[:components].contiguous())
 
 
 def convert_reference_background(pt_path: str | Path, out_path: str | Path) -> torch.Tensor:
@@ -86,12 +130,13 @@ def convert_reference_background(pt_path: str | Path, out_path: str | Path) -> t
 
 
 def save_background_features(model_dir: str | Path, module_path: str, texts: list[str], out_path: str | Path,
-                             device: str = "cpu", data_name: str = "the texts") -> torch.Tensor:
-    """Load the model, compute the background mean at `module_path` over `texts` and save it (safetensors)."""
+                             device: str = "cpu", data_name: str = "the texts", components: int = 0) -> torch.Tensor:
+    """Load the model, compute the background mean (and `components` principal directions) at
+    `module_path` over `texts` and save them (safetensors); returns the mean."""
     from .datasets import warn_if_mostly_unknown
 
     hf = MemoirHFModel.from_pretrained(model_dir, module_path=module_path, device=device)
     warn_if_mostly_unknown(hf.tokenizer, texts, data_name, str(model_dir))
-    mean = compute_background_mean(hf, texts)
-    save_background(mean, out_path)
-    return mean
+    background = compute_background(hf, texts, components)
+    save_background(background.mean, out_path, background.basis)
+    return background.mean

@@ -154,6 +154,9 @@ def _add_background(sub) -> None:
     p.add_argument("--texts", required=True, help="a .txt (one text per line) or any supported dataset file")
     p.add_argument("--hparams", "--hparams_dir", dest="hparams", required=True, help="names the edited layer (inner_params)")
     p.add_argument("--num", type=int, default=100, help="number of texts (default 100)")
+    p.add_argument("--components", type=int, default=0,
+                   help="also store the texts' top N principal directions (for background_components N; needs more "
+                        "than N texts)")
     p.add_argument("--out", required=True, help="output .safetensors")
     _add_overrides(p)
 
@@ -333,9 +336,16 @@ def cmd_background(args) -> int:
     from .background import save_background_features
     from .datasets import load_text_pool
 
+    if args.components < 0:
+        raise UsageError(f"--components {args.components}: expected 0 or more principal directions")
     texts = load_text_pool(args.texts, limit=args.num)
-    save_background_features(args.model, hp.module_path, texts, args.out, device=device, data_name=args.texts)
-    print(f"background features of {len(texts)} texts at {hp.module_path} -> {args.out}")
+    if args.components >= len(texts):
+        raise UsageError(f"--components {args.components} needs more texts than components; {args.texts} gives "
+                         f"{len(texts)} (--num {args.num})")
+    save_background_features(args.model, hp.module_path, texts, args.out, device=device, data_name=args.texts,
+                             components=args.components)
+    extra = f" and {args.components} principal directions" if args.components else ""
+    print(f"background features{extra} of {len(texts)} texts at {hp.module_path} -> {args.out}")
     return 0
 
 
@@ -351,7 +361,7 @@ def cmd_inspect(args) -> int:
     print(f"  base model     {m.base_model} (fingerprint {m.base_fingerprint[:16]})")
     print(f"  edited module  {m.module_path}  memory {m.hidden_size}x{m.intermediate_size} {m.dtype}")
     print(f"  routing        top_k={m.top_k} irr_threshold={m.irr_threshold} route_margin={m.route_margin} "
-          f"aggregation={m.aggregation}")
+          f"aggregation={m.aggregation} background_components={m.background_components}")
     print(f"  edits          {m.num_edits} ({enabled} enabled); masks {artifact.masks.numel() / 1024:.1f} KiB")
     print(f"  memory norm    {artifact.memory.float().norm():.4f}; columns touched {(artifact.memory != 0).any(0).sum()}")
     job = m.job

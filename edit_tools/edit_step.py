@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from vllm_memoir.core import aggregate_prompt_feature, masked_residual, tophash_indices
+from vllm_memoir.core import aggregate_prompt_feature, masked_residual, remove_background_components, tophash_indices
 from vllm_memoir.core.route_span import RouteSpan
 
 from .chat_markers import route_span_for
@@ -295,6 +295,7 @@ def apply_edit(
     background_mean: torch.Tensor | None,
     fast: bool = True,
     earlier_keys: EarlierKeys | None = None,
+    background_basis: torch.Tensor | None = None,
 ) -> EditResult:
     """Train this edit's columns of hf.layer.memory in place; return its mask, losses and keys.
 
@@ -306,6 +307,7 @@ def apply_edit(
     # The mask comes from the bare edit row's prompt tokens (its routing span of them).
     route_mask = hf.route_mask(batch.input_ids[:1], batch.prompt_mask[:1])
     feature = aggregate_prompt_feature(cap.x[:1], route_mask, hp.prompt_feature_agg, background_mean)
+    feature = remove_background_components(feature, background_basis)  # the routing key, as served
     indices = tophash_indices(feature, hp.top_k, permutation)[0].to(cap.x.device)
 
     def logits_now() -> torch.Tensor:

@@ -41,8 +41,8 @@ from vllm_memoir.core import (
 from vllm_memoir.core.artifact import MANIFEST_NAME, write_atomic
 from vllm_memoir.core.edit_records import EditRecords
 
-from .background import compute_background_mean, load_background
-from .datasets import EditRequest, load_edit_dataset, warn_if_mostly_unknown
+from .background import Background, compute_background, read_background
+from .datasets import EditRequest, load_edit_dataset, load_text_pool, warn_if_mostly_unknown
 from .edit_step import EarlierKeys, apply_edit, apply_prompt_format, build_edit_batch
 from .hf_model import MemoirHFModel
 from .hparams import MemoirHyperParams
@@ -54,7 +54,7 @@ logger = logging.getLogger(__name__)
 # Hyperparameters the manifest holds in fields of its own: hparams["memoir"] keeps the others,
 # so that no setting is stored twice (and can disagree with itself).
 _MANIFEST_FIELD_KEYS = ("inner_params", "top_k", "irr_threshold", "prompt_feature_agg", "routing_span",
-                       "route_margin")
+                       "route_margin", "background_components")
 
 
 class EditJobError(RuntimeError):
@@ -73,16 +73,9 @@ def new_artifact(hf: MemoirHFModel, hp: MemoirHyperParams, model_id: str, reques
     generator = torch.Generator().manual_seed(hp.seed)
     # Drawn once and stored: the reference draws it from the global RNG and never saves it.
     permutation = torch.randperm(inter, generator=generator)
-    background = None
+    background = Background(None)
     if hp.prompt_feature_agg == "mean_decentered":
-        if hp.dir_background_features:
-            background = load_background(hp.dir_background_features, inter)
-        else:
-            texts = [r.loc for r in requests if r.loc][: hp.num_background_texts]
-            if not texts:
-                raise EditJobError("mean_decentered needs background features: set dir_background_features or give locality prompts")
-            logger.info("computing background features from %d locality prompts", len(texts))
-            background = compute_background_mean(hf, texts)
+        background = _background_for(hf, hp, requests, inter)
     templates = generate_context_templates(hf.model, hf.tokenizer)
     manifest = ArtifactManifest(
         base_model=model_id,
@@ -95,6 +88,7 @@ def new_artifact(hf: MemoirHFModel, hp: MemoirHyperParams, model_id: str, reques
         top_k=hp.top_k,
         irr_threshold=hp.irr_threshold,
         route_margin=hp.route_margin,
+        background_components=hp.background_components,
         aggregation=hp.prompt_feature_agg,
         hparams={"memoir": {k: v for k, v in hp.to_dict().items() if k not in _MANIFEST_FIELD_KEYS},
                  "context_templates": templates},
@@ -106,9 +100,34 @@ def new_artifact(hf: MemoirHFModel, hp: MemoirHyperParams, model_id: str, reques
         memory=torch.zeros(hidden, inter),
         masks=torch.zeros(0, packed_width(inter), dtype=torch.uint8),
         permutation=permutation,
-        background_mean=background,
+        background_mean=background.mean,
         edits=[],
+        background_basis=background.basis,
     )
+
+
+def _background_for(hf: MemoirHFModel, hp: MemoirHyperParams, requests: list[EditRequest], dim: int) -> Background:
+    """The background mean (and principal directions) from dir_background_features, else computed
+    over background_texts, else over the edit set's locality prompts."""
+    if hp.dir_background_features:
+        try:
+            return read_background(hp.dir_background_features, dim, hp.background_components)
+        except ValueError as exc:
+            raise EditJobError(f"dir_background_features: {exc}") from None
+    if hp.background_texts:
+        texts, source = load_text_pool(hp.background_texts, limit=hp.num_background_texts), hp.background_texts
+    else:
+        texts, source = [r.loc for r in requests if r.loc][: hp.num_background_texts], "the edit set's locality prompts"
+    if not texts:
+        raise EditJobError("mean_decentered needs background features: set dir_background_features or "
+                           "background_texts, or give locality prompts")
+    if hp.background_components >= len(texts):
+        raise EditJobError(f"background_components {hp.background_components} needs more background texts than "
+                           f"components; {source} give {len(texts)}: set background_texts to a larger file "
+                           f"(num_background_texts is {hp.num_background_texts})")
+    logger.info("computing background features from %d texts (%s)%s", len(texts), source,
+                f", {hp.background_components} principal directions" if hp.background_components else "")
+    return compute_background(hf, texts, hp.background_components)
 
 
 def _check_output_dir(out_dir: Path) -> bool:
@@ -160,6 +179,7 @@ def _check_compatible(artifact: MemoirArtifact, hp: MemoirHyperParams, where: Pa
     m = artifact.manifest
     stored = {"routing_span": m.routing_span, "module_path": m.module_path, "top_k": m.top_k,
               "irr_threshold": m.irr_threshold, "route_margin": m.route_margin, "prompt_feature_agg": m.aggregation,
+              "background_components": m.background_components,
               "use_chat_template": m.hparams.get("memoir", {}).get("use_chat_template", False)}
     for key, value in stored.items():
         if value != getattr(hp, key):
@@ -297,6 +317,7 @@ def _run_checked_job(model_dir, data_name: str, requests: list[EditRequest], hp:
     hf.use_prompt_format(artifact.manifest)  # chat template and routing span, as the artifact records them
     templates = artifact.manifest.hparams["context_templates"]
     background = None if artifact.background_mean is None else artifact.background_mean.to(hf.device)
+    basis = None if artifact.background_basis is None else artifact.background_basis.to(hf.device)
     permutation = artifact.permutation
     masks = [artifact.masks]
     # From the id column (no record parsed: a loaded artifact's edits are an EditRecords).
@@ -325,7 +346,8 @@ def _run_checked_job(model_dir, data_name: str, requests: list[EditRequest], hp:
         request = requests[i]
         started = time.perf_counter()
         batch = build_edit_batch(hf, request.prompt, request.target, templates, request.loc)
-        result = apply_edit(hf, hp, batch, permutation, background, fast=hp.fast_loop, earlier_keys=earlier_keys)
+        result = apply_edit(hf, hp, batch, permutation, background, fast=hp.fast_loop, earlier_keys=earlier_keys,
+                            background_basis=basis)
         if earlier_keys is not None:
             earlier_keys.add(result.mask_indices, result.keys)
         masks.append(pack_indices(result.mask_indices.unsqueeze(0), artifact.manifest.intermediate_size))

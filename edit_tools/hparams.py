@@ -99,6 +99,18 @@ class MemoirHyperParams:
     # such check, the reference's rule. A prompt whose best edit barely beats another (an
     # unrelated or neighbour prompt near several edits of its template) then stays unrouted.
     route_margin: float = 0.0
+    # A routing key with the background's shared directions removed (issue 13 part 2): TopHash
+    # ranks each prompt's decentered feature minus its part along the top N principal directions
+    # of the background texts' features (stored in the artifact as background_basis [N, D]).
+    # Prompts of one phrasing or relation share those directions whoever they ask about, which
+    # made their masks overlap as much as a paraphrase's (benchmarks/RESULTS.md). Needs
+    # prompt_feature_agg mean_decentered and more than N background texts. 0 (default): the
+    # reference's key, the decentered feature itself.
+    background_components: int = 0
+    # Where the background texts come from when dir_background_features is unset: a .txt file (one
+    # text per line) or a dataset file (its locality and edit prompts), at most num_background_texts
+    # of them. Unset: the edit set's locality prompts (the reference's choice).
+    background_texts: str | None = None
 
     def __post_init__(self) -> None:
         # Where each value came from, for error messages; not a hyperparameter (asdict skips it).
@@ -220,6 +232,15 @@ class MemoirHyperParams:
         self._number("null_space_threshold", 0, 1, low_open=True)
         self._number("irr_threshold", 0, 1)
         self._number("route_margin", 0, 1)
+        self._integer("background_components", 0)
+        if self.background_components and self.prompt_feature_agg != "mean_decentered":
+            raise self.bad_value("background_components", "needs prompt_feature_agg mean_decentered (it removes "
+                                 "directions of the background's spread around its mean)", "0")
+        if (self.background_components and not self.dir_background_features
+                and self.background_components >= self.num_background_texts):
+            raise self.bad_value("background_components", f"needs more background texts than components "
+                                 f"(num_background_texts is {self.num_background_texts})",
+                                 f"below {self.num_background_texts}, or raise num_background_texts")
         self._number("weight_decay", 0)
         self._number("grad_clip", 0, low_open=True)
         self._number("early_stop_delta", 0)
@@ -229,7 +250,7 @@ class MemoirHyperParams:
         # Accepted so the reference's files load, but this tool has no such mode: say so rather than ignore it.
         if self.model_parallel:
             raise self.bad_value("model_parallel", "is not supported: the edit job runs on one device", "false")
-        for key in ("dir_background_features", "dir_to_save_background_features", "model_name"):
+        for key in ("dir_background_features", "dir_to_save_background_features", "model_name", "background_texts"):
             value = getattr(self, key)
             if value is not None and not isinstance(value, str):
                 raise self.bad_value(key, "is not a path or name", "a string")

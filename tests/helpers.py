@@ -6,6 +6,7 @@ each other: a test file is free to change its own helpers without breaking anoth
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Callable, TypeVar
 
@@ -70,3 +71,20 @@ def init_single_rank_vllm() -> None:
         port = sock.getsockname()[1]
     init_distributed_environment(1, 0, f"tcp://127.0.0.1:{port}", 0, "gloo")
     initialize_model_parallel(1)
+
+
+class TwoRankGroup:
+    """all_gather between two threads standing in for two tensor-parallel ranks."""
+
+    def __init__(self):
+        self.barrier = threading.Barrier(2, timeout=60)
+        self.slots = [None, None]
+
+    def all_gather_for(self, rank):
+        def gather(tensor):
+            self.slots[rank] = tensor
+            self.barrier.wait()
+            out = torch.cat(self.slots, dim=-1)
+            self.barrier.wait()  # both ranks have read before either writes again
+            return out
+        return gather

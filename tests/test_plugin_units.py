@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import synthetic_artifact
+from helpers import TwoRankGroup, synthetic_artifact
 
 from vllm_memoir.core import NO_ROUTE, unpack_bits
 from vllm_memoir.core.routing import EditRouter, RouteDecision
@@ -92,23 +92,6 @@ def test_v1_tracker_mirrors_batch_updates():
 
 
 # --- tensor-parallel routing ---------------------------------------------------------------------
-
-class TwoRankGroup:
-    """all_gather between two threads standing in for two tensor-parallel ranks."""
-
-    def __init__(self):
-        self.barrier = threading.Barrier(2, timeout=60)
-        self.slots = [None, None]
-
-    def all_gather_for(self, rank):
-        def gather(tensor):
-            self.slots[rank] = tensor
-            self.barrier.wait()
-            out = torch.cat(self.slots, dim=-1)
-            self.barrier.wait()  # both ranks have read before either writes again
-            return out
-        return gather
-
 
 def test_sharded_router_matches_single_device_for_two_ranks():
     artifact, features = synthetic_artifact(dim=64, top_k=8, aggregation="mean")

@@ -23,6 +23,7 @@ from .tophash import (
     pack_indices,
     packed_width,
     popcount64,
+    remove_background_components,
     residual_by_route,
     tophash_indices,
     unpack_bits,

@@ -4,6 +4,7 @@ Layout of a directory at version N:
     manifest.json              ArtifactManifest; names the files of version N and their sha256
     memoir-vN.safetensors      memory [H, D], masks [E, W] uint8 bitsets, permutation [D],
                                background_mean [D] (when computed)
+                               background_basis [r, D] (when background_components r > 0)
     edits-vN.jsonl             one EditRecord per stored mask, in mask order
 
 Saving writes the version-N files first and replaces manifest.json last (os.replace), so a
@@ -81,6 +82,10 @@ class ArtifactManifest:
     # How far the best edit's overlap must beat the second best's to route (core/tophash.py
     # match_routes); absent in older manifests, which read as 0.0 (no such check, the reference).
     route_margin: float = 0.0
+    # How many of the background's principal directions the routing key removes from a prompt's
+    # feature before TopHash (core/tophash.py remove_background_components; the rows of the
+    # background_basis tensor); absent in older manifests, which read as 0 (the reference's key).
+    background_components: int = 0
 
     @classmethod
     def from_json(cls, obj: dict[str, Any], where: str) -> "ArtifactManifest":
@@ -91,7 +96,7 @@ class ArtifactManifest:
         names = {f.name for f in dataclasses.fields(cls)}
         missing = sorted(n for n in names if n not in obj and n not in ("hparams", "files", "num_edits", "version",
                                                                            "routing_span", "routing_span_markers", "job",
-                                                                           "route_margin"))
+                                                                           "route_margin", "background_components"))
         if missing:
             raise ArtifactError(f"{where}: missing fields {missing}")
         unknown = sorted(set(obj) - names)
@@ -124,6 +129,7 @@ _FIELD_TYPES = {
     "layer_index": int, "hidden_size": int, "intermediate_size": int, "top_k": int, "num_edits": int,
     "version": int, "format_version": int, "irr_threshold": float, "hparams": dict, "files": dict,
     "routing_span": str, "routing_span_markers": dict, "job": dict, "route_margin": float,
+    "background_components": int,
 }
 _TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", dict: "an object"}
 _REQUIRED_TENSORS = ("memory", "masks", "permutation")
@@ -168,6 +174,7 @@ class MemoirArtifact:
     permutation: torch.Tensor  # [D] int64
     background_mean: torch.Tensor | None  # [D] float32
     edits: EditRecords | list[EditRecord]  # load_artifact gives an EditRecords
+    background_basis: torch.Tensor | None = None  # [background_components, D] float32, orthonormal rows
 
     @property
     def enabled(self) -> torch.Tensor:
@@ -343,6 +350,8 @@ def save_artifact(artifact: MemoirArtifact, directory: str | os.PathLike) -> Pat
     }
     if artifact.background_mean is not None:
         tensors["background_mean"] = artifact.background_mean.detach().to("cpu", torch.float32).contiguous()
+    if artifact.background_basis is not None:
+        tensors["background_basis"] = artifact.background_basis.detach().to("cpu", torch.float32).contiguous()
     saved = (manifest.version, manifest.num_edits, manifest.files)
     try:
         write_atomic(out / tensors_name, lambda p: save_file(tensors, str(p)))
@@ -492,6 +501,7 @@ def load_artifact(directory: str | os.PathLike, expected_fingerprint: str | None
                 permutation=tensors["permutation"],
                 background_mean=tensors.get("background_mean"),
                 edits=_edits_from_bytes(data, directory / edits_name),
+                background_basis=tensors.get("background_basis"),
             )
             validate_artifact(artifact, shown_path(directory / tensors_name))
         except Exception:
@@ -614,6 +624,7 @@ def validate_artifact(artifact: MemoirArtifact, where: str) -> None:
             raise ArtifactError(f"{where}: background_mean contains NaN or Inf")
     elif m.aggregation == "mean_decentered":
         raise ArtifactError(f"{where}: aggregation 'mean_decentered' needs background_mean, which is absent")
+    _validate_basis(artifact.background_basis, m, where)
     if len(artifact.edits) != m.num_edits:
         raise ArtifactError(f"{where}: {len(artifact.edits)} edit records for {m.num_edits} masks")
     twice = EditRecords.of(artifact.edits).duplicate_id()
@@ -657,3 +668,21 @@ def _all_finite(tensor: torch.Tensor) -> bool:
     bits = bits.reshape(-1)
     return all(not np.any((bits[at:at + _FINITE_BLOCK] & kind(exponent)) == kind(exponent))
                for at in range(0, len(bits), _FINITE_BLOCK))
+
+
+def _validate_basis(basis: torch.Tensor | None, m: ArtifactManifest, where: str) -> None:
+    """background_basis is there exactly when background_components > 0, with that many rows."""
+    rows = m.background_components
+    if rows == 0:
+        if basis is not None:
+            raise ArtifactError(f"{where}: tensor 'background_basis' is present but background_components is 0")
+        return
+    if basis is None:
+        raise ArtifactError(f"{where}: background_components {rows} needs tensor 'background_basis', which is absent")
+    if m.aggregation != "mean_decentered":
+        raise ArtifactError(f"{where}: background_components needs aggregation 'mean_decentered', found {m.aggregation!r}")
+    if tuple(basis.shape) != (rows, m.intermediate_size):
+        raise ArtifactError(f"{where}: background_basis has shape {tuple(basis.shape)}, expected "
+                            f"({rows}, {m.intermediate_size})")
+    if basis.dtype != torch.float32 or not _all_finite(basis):
+        raise ArtifactError(f"{where}: background_basis must be finite float32")

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from .artifact import MemoirArtifact
-from .tophash import NO_ROUTE, match_routes, pack_indices, tophash_indices
+from .tophash import NO_ROUTE, match_routes, pack_indices, remove_background_components, tophash_indices
 
 
 @dataclass
@@ -37,6 +37,8 @@ class EditRouter:
         self.dim = manifest.intermediate_size
         self.permutation = artifact.permutation.to(device)
         self.background_mean = None if artifact.background_mean is None else artifact.background_mean.to(device)
+        basis = artifact.background_basis
+        self.background_basis = None if basis is None else basis.to(device, torch.float32)
         self.masks = artifact.masks.to(device)
         self.enabled = artifact.enabled.to(device)
 
@@ -45,12 +47,23 @@ class EditRouter:
         indices = tophash_indices(features, self.top_k, self.permutation.to(features.device))
         return pack_indices(indices, self.dim)
 
+    def route_key(self, features: torch.Tensor) -> torch.Tensor:
+        """Features [B, D] -> the keys TopHash ranks (the background's components removed, if any)."""
+        return remove_background_components(features, self.background_basis)
+
     def route_tensors(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(route, best edit, overlap) per feature row, as tensors on the masks' device."""
-        query = self.query_masks(features).to(self.masks.device)
+        return self.match_keys(self.route_key(features))
+
+    def match_keys(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """route_tensors for keys already made (route_key, or the plugin's sharded equivalent)."""
+        query = self.query_masks(keys).to(self.masks.device)
         return match_routes(query, self.masks, self.top_k, self.irr_threshold, self.enabled, self.route_margin)
 
     def route_features(self, features: torch.Tensor) -> list[RouteDecision]:
-        route, best, overlap = self.route_tensors(features)
-        return [RouteDecision(int(r), int(b), float(o)) for r, b, o in zip(route.tolist(), best.tolist(),
-                                                                          overlap.tolist())]
+        return as_decisions(*self.route_tensors(features))
+
+
+def as_decisions(route: torch.Tensor, best: torch.Tensor, overlap: torch.Tensor) -> list[RouteDecision]:
+    """match_routes' tensors as one RouteDecision per row."""
+    return [RouteDecision(int(r), int(b), float(o)) for r, b, o in zip(route.tolist(), best.tolist(), overlap.tolist())]

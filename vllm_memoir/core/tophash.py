@@ -64,6 +64,17 @@ def finish_feature(summed: torch.Tensor, counts: torch.Tensor, aggregation: str,
     return feature
 
 
+def remove_background_components(feature: torch.Tensor, basis: torch.Tensor | None) -> torch.Tensor:
+    """The routing key: the (decentered) feature [B, D] minus its part along `basis` [r, D],
+    orthonormal rows, the background's top principal directions. Those directions are what
+    prompts of one template or relation share (phrasing, relation, position), so removing them
+    leaves what tells subjects apart. None: the feature unchanged (the reference)."""
+    if basis is None:
+        return feature
+    basis = basis.to(feature.device, torch.float32)
+    return feature - (feature @ basis.T) @ basis
+
+
 def tophash_indices(feature: torch.Tensor, top_k: int, permutation: torch.Tensor) -> torch.Tensor:
     """TopHash: top-k of |feature|, then mapped through the fixed permutation.
 

@@ -16,7 +16,7 @@ import torch
 
 from vllm_memoir.core import MemoirArtifact, aggregate_prompt_feature, finish_feature
 from vllm_memoir.core.tophash import unpack_as
-from vllm_memoir.core.routing import EditRouter, RouteDecision
+from vllm_memoir.core.routing import EditRouter, RouteDecision, as_decisions
 
 AllGather = Callable[[torch.Tensor], torch.Tensor]  # concatenates ranks' tensors along the last dim
 
@@ -36,6 +36,8 @@ class ShardedPromptRouter:
         self.router = EditRouter(artifact, device)
         bg = self.router.background_mean
         self.local_background = None if bg is None else bg[self.offset:self.offset + self.local_dim]
+        basis = self.router.background_basis
+        self.local_basis = None if basis is None else basis[:, self.offset:self.offset + self.local_dim].contiguous()
         self.all_gather = all_gather
         self._byte_aligned = self.offset % 8 == 0 and self.local_dim % 8 == 0
 
@@ -65,11 +67,11 @@ class ShardedPromptRouter:
 
     def decide(self, local_features: torch.Tensor) -> list[RouteDecision]:
         """[B, D_local] feature slices -> one decision per prompt (the same on every rank)."""
-        return self.router.route_features(self._global_features(local_features))
+        return as_decisions(*self.decide_tensors(local_features))
 
     def decide_tensors(self, local_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """decide() kept on the device: (route, best edit, overlap), [B] each."""
-        return self.router.route_tensors(self._global_features(local_features))
+        return self.router.match_keys(self._global_keys(local_features))
 
     def row_masks(self, routes: torch.Tensor, dtype: torch.dtype, all_routed: bool = False) -> torch.Tensor:
         """[R] edit rows (negative: no edit) -> [R, D_local] 0/1 masks of this rank's columns.
@@ -84,7 +86,19 @@ class ShardedPromptRouter:
         local = bits if self._byte_aligned else bits[:, self.offset:self.offset + self.local_dim]
         return local if all_routed else local * (routes >= 0).unsqueeze(1).to(dtype)
 
-    def _global_features(self, local: torch.Tensor) -> torch.Tensor:
+    def _local_keys(self, local: torch.Tensor) -> torch.Tensor:
+        """This rank's slice of the routing key (core remove_background_components): the
+        projection's coefficients are sums over the whole feature, so ranks add their parts."""
+        if self.local_basis is None:
+            return local
+        coefficients = local.float() @ self.local_basis.T  # [B, r], this rank's share
+        if self.tp_size > 1:
+            gathered = self.all_gather(coefficients.contiguous())  # [B, r * tp]
+            coefficients = gathered.view(local.shape[0], self.tp_size, -1).sum(dim=1)
+        return local.float() - coefficients @ self.local_basis
+
+    def _global_keys(self, local_features: torch.Tensor) -> torch.Tensor:
+        local = self._local_keys(local_features)
         if self.tp_size == 1:
             return local
         # Only the global top-k matters to TopHash: gather each rank's top-k candidates and
