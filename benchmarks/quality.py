@@ -56,7 +56,7 @@ from edit_tools.editor import run_edit_job  # noqa: E402
 from edit_tools.evaluate import edit_rows, evaluate_edits  # noqa: E402
 from edit_tools.hf_model import MemoirHFModel  # noqa: E402
 from edit_tools.hparams import MemoirHyperParams  # noqa: E402
-from vllm_memoir.core import MemoirArtifact  # noqa: E402
+from vllm_memoir.core import MemoirArtifact, read_manifest  # noqa: E402
 from vllm_memoir.core.tophash import remove_background_components, route_gap, top_two_overlaps, unpack_indices  # noqa: E402
 
 log = logging.getLogger("quality")
@@ -118,9 +118,9 @@ def compare_settings(args, data_for, limit_for, settings: dict, path: Path) -> l
     for setting, hp in settings.items():
         for size in sizes:
             row = run_size(args.model, data_for(size), hp, args.work / f"{setting}-T{size}".replace(" ", "-"),
-                           limit=limit_for(size))
+                           limit=limit_for(size), resume=args.resume)
             keep = ("T", "rel", "gen", "loc", "loc_neighbour", "own_mask", "took", "routing", "memory_norm",
-                    "edits_per_minute", "edit_seconds", "eval_seconds")
+                    "edits_per_minute", "edit_seconds", "eval_seconds", "resumed_after")
             rows = [r for r in rows if (r["label"], r["setting"], r["T"]) != (args.label, setting, size)]
             rows.append({"label": args.label, "model": repo_relative(args.model), "hparams": repo_relative(args.hparams),
                          "data": repo_relative(Path(args.data)), "setting": setting, "update_rule": hp.update_rule,
@@ -130,7 +130,7 @@ def compare_settings(args, data_for, limit_for, settings: dict, path: Path) -> l
     print(f"\n{'model':<18} {'setting':<19} {'T':>5} {'Rel':>6} {'Gen':>6} {'Loc':>6} {'LocN':>6} {'took':>6} {'edits/min':>10}")
     for r in rows:
         print(f"{r['label']:<18} {r['setting']:<19} {r['T']:>5} {r['rel']:>6.3f} {_fmt(r['gen']):>6} {_fmt(r['loc']):>6} "
-              f"{_fmt(r['loc_neighbour']):>6} {_fmt(r['took'].get('share')):>6} {r['edits_per_minute']:>10.1f}")
+              f"{_fmt(r['loc_neighbour']):>6} {_fmt(r['took'].get('share')):>6} {_rate(r['edits_per_minute']):>10}")
     return rows
 
 
@@ -225,9 +225,13 @@ def overlap_summary(hf: MemoirHFModel, artifact: MemoirArtifact, requests: list[
 
 
 def run_size(model: Path, data: Path, hp: MemoirHyperParams, work: Path, limit: int | None = None,
-             histogram: Path | None = None) -> dict:
-    """Edit, evaluate and diagnose one edit set; returns its row of the results."""
-    if work.exists():
+             histogram: Path | None = None, resume: bool = False) -> dict:
+    """Edit, evaluate and diagnose one edit set; returns its row of the results.
+
+    resume: continue the edit job a stopped run left in `work` (the same hyperparameters and
+    edit set, or the job refuses); edits/min then counts only the edits this run made."""
+    done_before = _edits_done(work) if resume else 0
+    if work.exists() and not resume:
         shutil.rmtree(work)  # a fresh job: an old artifact would be resumed or refused
     requests = load_edit_dataset(data, limit=limit)
     started = time.perf_counter()
@@ -251,19 +255,31 @@ def run_size(model: Path, data: Path, hp: MemoirHyperParams, work: Path, limit: 
         "own_mask": own_mask_accuracy(hf, artifact, requests),
         "memory_norm": round(float(artifact.memory.float().norm()), 1),
         "edit_seconds": round(edit_seconds, 1),
-        "edits_per_minute": round(60 * len(requests) / edit_seconds, 1),
+        # None when an earlier run had made every edit: this one timed none.
+        "edits_per_minute": round(60 * (len(requests) - done_before) / edit_seconds, 1) if len(requests) > done_before else None,
         "eval_seconds": round(eval_seconds, 1),
         "wall_seconds": round(edit_seconds + eval_seconds, 1),
     }
+    if done_before:
+        row["resumed_after"] = done_before  # edits an earlier run made; not in edit_seconds
     if histogram is not None:
         row["overlap"], dists = overlap_summary(hf, artifact, requests)
         plot_histogram(dists, f"facts-llama: layer {hp.layer_index}, top_k {hp.top_k}, T={len(requests)}", histogram,
                        threshold=hp.irr_threshold)
         log.info("wrote %s", histogram)
-    log.info("T=%d: Rel %.3f Gen %.3f Loc %.3f Loc-neighbour %s (own mask: Rel %.3f Gen %.3f), took %s, %.1f edits/min",
+    log.info("T=%d: Rel %.3f Gen %.3f Loc %.3f Loc-neighbour %s (own mask: Rel %.3f Gen %.3f), took %s, %s edits/min",
              row["T"], row["rel"], row["gen"], row["loc"], _fmt(row["loc_neighbour"]), row["own_mask"]["rel"],
-             row["own_mask"]["gen"] or 0.0, row["took"].get("share"), row["edits_per_minute"])
+             row["own_mask"]["gen"] or 0.0, row["took"].get("share"), _rate(row["edits_per_minute"]))
     return row
+
+
+def _edits_done(work: Path) -> int:
+    """How many edits the job in `work` has stored (0: no job there yet)."""
+    return read_manifest(work).num_edits if (work / "manifest.json").exists() else 0
+
+
+def _rate(value) -> str:
+    return "n/a" if value is None else f"{value:.1f}"
 
 
 def _fmt(value) -> str:
@@ -384,9 +400,10 @@ def plot_compare(rows: list[dict], path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     metrics = (("rel", "Rel", "tab:blue"), ("gen", "Gen", "tab:orange"), ("loc", "Loc", "tab:green"),
                ("loc_neighbour", "Loc-neighbour", "tab:red"))
-    styles = {"reference defaults": "s--", "config": "o-"}  # any other setting: dotted triangles
+    styles = {"reference defaults": "s--", "config": "o-"}
+    others = iter(("^:", "v-.", "d:", "x-."))  # further settings, dotted or dash-dotted, in name order
     for setting in sorted({r["setting"] for r in rows}, key=lambda s: (s not in styles, s != "reference defaults", s)):
-        style = styles.get(setting, "^:")
+        style = styles.get(setting) or next(others, "^:")
         mine = sorted((r for r in rows if r["setting"] == setting), key=lambda r: r["T"])
         for key, name, color in metrics:
             points = [(r["T"], r[key]) for r in mine if r.get(key) is not None]
@@ -434,6 +451,9 @@ def main(argv: list[str] | None = None) -> None:
                              "own best irr_threshold)")
     parser.add_argument("--only", help="with --compare-config: run only this setting ('reference defaults' or 'config'); "
                                        "the other's rows in quality_compare.json are kept")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the edit jobs a stopped run left in --work (same settings and data) instead of "
+                             "starting them afresh: for the hours-long T=10,000 runs")
     parser.add_argument("--label", default="facts-llama", help="the model's name in quality_steps.json / quality_compare.json")
     parser.add_argument("--merge", action="store_true",
                         help="keep the other T's rows of an existing <out>/quality.json (run sizes in separate processes)")
@@ -469,7 +489,7 @@ def main(argv: list[str] | None = None) -> None:
     for size in sizes:
         histogram = args.out / f"quality_overlap_T{size}.png" if size == max(sizes) else None
         rows.append(run_size(args.model, data_for(size), hp, args.work / f"T{size}", limit=limit_for(size),
-                             histogram=histogram))
+                             histogram=histogram, resume=args.resume))
     if thresholds:
         rescore(next(r for r in rows if r["T"] == largest), args.model, args.work / f"T{largest}", largest_data,
                 thresholds, margins)
@@ -497,7 +517,7 @@ def main(argv: list[str] | None = None) -> None:
     for r in rows:
         print(f"{r['T']:>5} {r['rel']:>6.3f} {r['gen']:>6.3f} {r['loc']:>6.3f} {_fmt(r['loc_neighbour']):>6} "
               f"{r['own_mask']['rel']:>6.3f} {r['own_mask']['gen']:>6.3f} {_fmt(r['took'].get('share')):>6} "
-              f"{r['edits_per_minute']:>10.1f} {r['wall_seconds']:>8.1f}")
+              f"{_rate(r['edits_per_minute']):>10} {r['wall_seconds']:>8.1f}")
     print("(LocN: Loc-neighbour; Rel*, Gen*: each prompt forced onto its own edit's mask; took: share of edits whose "
           "training met edit_loss_target)")
     for r in rows:

@@ -148,3 +148,24 @@ def test_compare_config_runs_the_reference_defaults_beside_the_config(tmp_path):
     assert (tmp_path / "quality_compare_facts-llama.png").stat().st_size > 1000
     with pytest.raises(SystemExit, match="--only 'best'"):
         quality.compare_config(argparse.Namespace(**{**vars(args), "only": "best"}), data_for, lambda size: None)
+
+
+def test_resume_continues_a_stopped_run_and_times_only_its_own_edits(tmp_path):
+    # A long run stopped after 4 of 10 edits (the job checkpoints), then resumed: the row is
+    # the same T=10 artifact, and edits/min counts the 6 edits this run made.
+    from edit_tools.datasets import load_edit_dataset
+    from edit_tools.editor import run_edit_job
+
+    torch.set_num_threads(2)
+    hp = quality.load_hparams(quality.DEFAULT_HPARAMS, ["update_rule=adaptive", "update_projection=none",
+                                                        "checkpoint_every=1"])
+    run_edit_job(quality.DEFAULT_MODEL, load_edit_dataset(DATA), hp, tmp_path / "T10", progress=False, stop_after=4)
+    row = quality.run_size(quality.DEFAULT_MODEL, DATA, hp, tmp_path / "T10", resume=True)
+    assert row["T"] == 10 and row["resumed_after"] == 4
+    assert row["edits_per_minute"] == pytest.approx(60 * 6 / row["edit_seconds"], rel=0.1)  # not 10 edits' rate
+    assert load_artifact(tmp_path / "T10").manifest.num_edits == 10
+    # Resuming a finished run edits nothing: no rate to report. Without --resume it starts afresh.
+    again = quality.run_size(quality.DEFAULT_MODEL, DATA, hp, tmp_path / "T10", resume=True)
+    assert again["resumed_after"] == 10 and again["edits_per_minute"] is None
+    fresh = quality.run_size(quality.DEFAULT_MODEL, DATA, hp, tmp_path / "T10")
+    assert "resumed_after" not in fresh and fresh["edits_per_minute"] > 0
