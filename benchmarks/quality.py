@@ -397,7 +397,7 @@ def plot_compare(rows: list[dict], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(10, 4.8))
     metrics = (("rel", "Rel", "tab:blue"), ("gen", "Gen", "tab:orange"), ("loc", "Loc", "tab:green"),
                ("loc_neighbour", "Loc-neighbour", "tab:red"))
     styles = {"reference defaults": "s--", "config": "o-"}
@@ -416,7 +416,7 @@ def plot_compare(rows: list[dict], path: Path, title: str) -> None:
     ax.set_ylim(0, 1.05)
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower left", ncol=2)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))  # outside: many lines
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
