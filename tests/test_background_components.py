@@ -280,3 +280,9 @@ def test_memoir_background_components_writes_the_basis(tmp_path, capsys):
                         "--out", str(tmp_path / "x.safetensors")])
     assert code == 2 and "--components 10 needs more texts than components" in capsys.readouterr().err
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_memoir_inspect_shows_the_components(keyed_job, capsys):
+    out, _, _ = keyed_job
+    assert memoir_main(["inspect", str(out / "keyed")]) == 0
+    assert "background_components=64" in capsys.readouterr().out

@@ -134,7 +134,7 @@ def test_compare_config_runs_the_reference_defaults_beside_the_config(tmp_path):
     torch.set_num_threads(2)
     args = argparse.Namespace(hparams=quality.DEFAULT_HPARAMS, set=[], reference_set=["irr_threshold=0.79"],
                               only=None, sizes="1", model=quality.DEFAULT_MODEL, data=str(quality.DEFAULT_DATA),
-                              out=tmp_path, work=tmp_path / "work", threads=2, label="facts-llama")
+                              out=tmp_path, work=tmp_path / "work", threads=2, label="facts-llama", resume=False)
     data_for = lambda size: Path(str(quality.DEFAULT_DATA).format(size=size))  # noqa: E731
     quality.compare_config(args, data_for, lambda size: None)
     rows = {r["setting"]: r for r in json.loads((tmp_path / "quality_compare.json").read_text())["rows"]}
