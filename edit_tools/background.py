@@ -40,12 +40,17 @@ class Background:
     basis: torch.Tensor | None = None  # [r, D] float32, orthonormal rows: the top principal directions
 
 
+def check_enough_texts(components: int, count: int) -> None:
+    """Principal directions need more texts than directions (N texts span at most N - 1 around their mean)."""
+    if components and components >= count:
+        raise ValueError(f"background_components {components} needs more background texts than components; "
+                         f"got {count} texts")
+
+
 def compute_background(hf: MemoirHFModel, texts: list[str], components: int = 0, batch_size: int = 16) -> Background:
     """The background mean and, when components > 0, the top `components` principal directions
     of the texts' features around it (right singular vectors of the centred [N, D] features)."""
-    if components and components >= len(texts):
-        raise ValueError(f"background_components {components} needs more background texts than components; "
-                         f"got {len(texts)} texts")
+    check_enough_texts(components, len(texts))
     features = hf.prompt_features(texts, "mean", batch_size=batch_size)
     mean = features.mean(0)
     if not components:

@@ -41,7 +41,7 @@ from vllm_memoir.core import (
 from vllm_memoir.core.artifact import MANIFEST_NAME, write_atomic
 from vllm_memoir.core.edit_records import EditRecords
 
-from .background import Background, compute_background, read_background
+from .background import Background, check_enough_texts, compute_background, read_background
 from .datasets import EditRequest, load_edit_dataset, load_text_pool, warn_if_mostly_unknown
 from .edit_step import EarlierKeys, apply_edit, apply_prompt_format, build_edit_batch
 from .hf_model import MemoirHFModel
@@ -121,10 +121,11 @@ def _background_for(hf: MemoirHFModel, hp: MemoirHyperParams, requests: list[Edi
     if not texts:
         raise EditJobError("mean_decentered needs background features: set dir_background_features or "
                            "background_texts, or give locality prompts")
-    if hp.background_components >= len(texts):
-        raise EditJobError(f"background_components {hp.background_components} needs more background texts than "
-                           f"components; {source} give {len(texts)}: set background_texts to a larger file "
-                           f"(num_background_texts is {hp.num_background_texts})")
+    try:
+        check_enough_texts(hp.background_components, len(texts))
+    except ValueError as exc:
+        raise EditJobError(f"{exc} from {source}: set background_texts to a larger file "
+                           f"(num_background_texts is {hp.num_background_texts})") from None
     logger.info("computing background features from %d texts (%s)%s", len(texts), source,
                 f", {hp.background_components} principal directions" if hp.background_components else "")
     return compute_background(hf, texts, hp.background_components)

@@ -7,6 +7,8 @@ All functions are pure torch and work on CPU or GPU.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import torch
 
@@ -64,15 +66,22 @@ def finish_feature(summed: torch.Tensor, counts: torch.Tensor, aggregation: str,
     return feature
 
 
-def remove_background_components(feature: torch.Tensor, basis: torch.Tensor | None) -> torch.Tensor:
+def remove_background_components(feature: torch.Tensor, basis: torch.Tensor | None,
+                                 sum_over_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """The routing key: the (decentered) feature [B, D] minus its part along `basis` [r, D],
     orthonormal rows, the background's top principal directions. Those directions are what
     prompts of one template or relation share (phrasing, relation, position), so removing them
-    leaves what tells subjects apart. None: the feature unchanged (the reference)."""
+    leaves what tells subjects apart. None: the feature unchanged (the reference).
+
+    sum_over_ranks: when feature and basis are one tensor-parallel rank's columns, the function
+    that sums the [B, r] coefficients over the ranks (each rank holds a part of every dot product)."""
     if basis is None:
         return feature
     basis = basis.to(feature.device, torch.float32)
-    return feature - (feature @ basis.T) @ basis
+    coefficients = feature @ basis.T
+    if sum_over_ranks is not None:
+        coefficients = sum_over_ranks(coefficients)
+    return feature - coefficients @ basis
 
 
 def tophash_indices(feature: torch.Tensor, top_k: int, permutation: torch.Tensor) -> torch.Tensor:

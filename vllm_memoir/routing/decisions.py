@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from vllm_memoir.core import MemoirArtifact, aggregate_prompt_feature, finish_feature
+from vllm_memoir.core import MemoirArtifact, aggregate_prompt_feature, finish_feature, remove_background_components
 from vllm_memoir.core.tophash import unpack_as
 from vllm_memoir.core.routing import EditRouter, RouteDecision, as_decisions
 
@@ -86,19 +86,15 @@ class ShardedPromptRouter:
         local = bits if self._byte_aligned else bits[:, self.offset:self.offset + self.local_dim]
         return local if all_routed else local * (routes >= 0).unsqueeze(1).to(dtype)
 
-    def _local_keys(self, local: torch.Tensor) -> torch.Tensor:
-        """This rank's slice of the routing key (core remove_background_components): the
-        projection's coefficients are sums over the whole feature, so ranks add their parts."""
-        if self.local_basis is None:
-            return local
-        coefficients = local.float() @ self.local_basis.T  # [B, r], this rank's share
-        if self.tp_size > 1:
-            gathered = self.all_gather(coefficients.contiguous())  # [B, r * tp]
-            coefficients = gathered.view(local.shape[0], self.tp_size, -1).sum(dim=1)
-        return local.float() - coefficients @ self.local_basis
+    def _sum_over_ranks(self, part: torch.Tensor) -> torch.Tensor:
+        """[B, r] this rank's share of each coefficient -> the sums over all ranks."""
+        gathered = self.all_gather(part.contiguous())  # [B, r * tp]
+        return gathered.view(part.shape[0], self.tp_size, -1).sum(dim=1)
 
     def _global_keys(self, local_features: torch.Tensor) -> torch.Tensor:
-        local = self._local_keys(local_features)
+        # This rank's slice of the routing key (features are float32 from finish_feature).
+        local = remove_background_components(local_features, self.local_basis,
+                                             self._sum_over_ranks if self.tp_size > 1 else None)
         if self.tp_size == 1:
             return local
         # Only the global top-k matters to TopHash: gather each rank's top-k candidates and
