@@ -148,8 +148,12 @@ def test_masked_residual_equals_dense_formula():
 
 
 def test_residual_by_route_is_exactly_zero_when_unrouted():
-    x = torch.randn(6, DIM)
-    memory = torch.randn(8, DIM)
+    # Seeded: on unseeded float32 inputs an entry near zero could differ from the per-token
+    # product by more than allclose's absolute 1e-8 (summation order), depending on which tests
+    # ran before and drew from the global generator.
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(6, DIM, generator=gen)
+    memory = torch.randn(8, DIM, generator=gen)
     idx = _random_masks(2, 25)
     packed = pack_indices(idx, DIM)
     routes = torch.tensor([NO_ROUTE, 0, 1, NO_ROUTE, 1, 0])
