@@ -20,6 +20,7 @@ Two equivalent loops:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -99,15 +100,17 @@ class EarlierKeys:
         self.covariance[cols.unsqueeze(1), cols.unsqueeze(0)] += block.T @ block
         self.count += block.shape[0]
 
-    def projector(self, indices: torch.Tensor, threshold: float) -> torch.Tensor | None:
+    def projector(self, indices: torch.Tensor, threshold: float, min_room: float = 0.0) -> torch.Tensor | None:
         """[k, k] projection onto the directions of the columns `indices` that earlier keys do
-        not dominate (eigenvalue <= threshold x the largest); None when no key touches them."""
+        not dominate (eigenvalue <= threshold x the largest), and at least min_room x k of them:
+        the ones earlier keys use least; None when no key touches them."""
         cols = indices.cpu()
         block = self.covariance[cols.unsqueeze(1), cols.unsqueeze(0)]
-        values, vectors = torch.linalg.eigh(block)
+        values, vectors = torch.linalg.eigh(block)  # ascending
         if values[-1] <= 0:
             return None
-        protected = vectors[:, values > threshold * values[-1]]
+        first_protected = max(int((values <= threshold * values[-1]).sum()), math.ceil(min_room * len(cols)))
+        protected = vectors[:, first_protected:]
         eye = torch.eye(len(cols), dtype=torch.float64)
         return (eye - protected @ protected.T).float()
 
@@ -319,7 +322,7 @@ def apply_edit(
     memory = hf.layer.memory
     projector = None
     if hp.update_projection == "null_space" and earlier_keys is not None:
-        projector = earlier_keys.projector(indices, hp.null_space_threshold)
+        projector = earlier_keys.projector(indices, hp.null_space_threshold, hp.null_space_min_room)
     hf.layer.train_indices = indices
     try:
         if hp.resolved_update_rule == "adaptive":

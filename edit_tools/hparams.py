@@ -92,6 +92,13 @@ class MemoirHyperParams:
     # of their covariance whose eigenvalue is above this share of the largest. Lower protects
     # more of the earlier edits and leaves this edit less room (a low value can keep it from taking).
     null_space_threshold: float = 1e-2
+    # The least share of an edit's mask directions left free to change, however many earlier
+    # keys cover them: past ~1,000 edits the keys of earlier edits span nearly every direction of
+    # a mask and a projected step can no longer make the new edit (benchmarks/RESULTS.md). With
+    # a share s, at most (1 - s) x top_k directions are protected, those the earlier keys use
+    # most; the new edit then moves earlier outputs only along their weakest directions.
+    # 0.0 (default): no floor, only null_space_threshold decides.
+    null_space_min_room: float = 0.0
     # Routing with a second check (issue 13 part 3): a prompt takes its best edit only when that
     # edit's mask overlap beats the second-best enabled edit's by at least this much (overlap
     # units, as irr_threshold: 0.02 = 2% of top_k bits; with one edit stored the second is 0).
@@ -230,6 +237,10 @@ class MemoirHyperParams:
         self._number("edit_loss_target", 0, low_open=True)
         self._number("adaptive_step_limit", 0)
         self._number("null_space_threshold", 0, 1, low_open=True)
+        self._number("null_space_min_room", 0, 1)
+        if self.null_space_min_room >= 1:
+            raise self.bad_value("null_space_min_room", "leaves nothing protected (use update_projection: none)",
+                                 ">= 0 and < 1")
         self._number("irr_threshold", 0, 1)
         self._number("route_margin", 0, 1)
         self._integer("background_components", 0)

@@ -76,6 +76,25 @@ def test_threshold_trades_protection_for_room():
     assert 0 < ranks[1] < ranks[2] <= TOP_K  # a higher threshold protects fewer directions
 
 
+def test_min_room_frees_the_directions_earlier_keys_use_least():
+    earlier = random_edits(20, keys_per_edit=4)  # 80 keys: with a tiny threshold every direction is protected
+    keys = EarlierKeys(DIM)
+    for indices, k in earlier:
+        keys.add(indices, k)
+    new_indices = earlier[0][0]
+    block = keys.covariance[new_indices.unsqueeze(1), new_indices.unsqueeze(0)].float()
+    values = torch.linalg.eigvalsh(block)  # ascending
+    for min_room, free in ((0.0, 0), (0.25, 6), (0.3, 8)):  # ceil(0.3 x 24) = 8
+        projector = keys.projector(new_indices, threshold=1e-6, min_room=min_room)
+        assert round(float(torch.trace(projector))) == free
+        # The free directions are the weakest of the earlier keys: the energy they carry
+        # (trace of P C P) is the sum of the smallest eigenvalues.
+        assert torch.isclose(torch.trace(projector @ block @ projector), values[:free].sum(), rtol=1e-3, atol=1e-3)
+    # A floor below what the threshold already leaves free changes nothing.
+    loose = keys.projector(new_indices, threshold=0.5)
+    assert torch.equal(keys.projector(new_indices, threshold=0.5, min_room=0.01), loose)
+
+
 def test_no_earlier_keys_and_option_off_leave_the_update_unchanged():
     grad = torch.randn(HIDDEN, TOP_K)
     assert project_update(grad, None) is grad
@@ -88,6 +107,11 @@ def test_bad_settings_are_one_line_errors():
         MemoirHyperParams.from_dict({"update_projection": "orthogonal"})
     with pytest.raises(HParamsError, match="null_space_threshold: 0 is out of range"):
         MemoirHyperParams.from_dict({"null_space_threshold": 0})
+    with pytest.raises(HParamsError, match="null_space_min_room: 1 leaves nothing protected"):
+        MemoirHyperParams.from_dict({"null_space_min_room": 1})
+    with pytest.raises(HParamsError, match="null_space_min_room: -0.1 is out of range"):
+        MemoirHyperParams.from_dict({"null_space_min_room": -0.1})
+    assert MemoirHyperParams().null_space_min_room == 0.0  # no floor by default
 
 
 # ---------------------------------------------------------------- on the facts model
@@ -150,6 +174,21 @@ def test_null_space_moves_earlier_edits_outputs_less_at_t10(facts_editor):
     # Measured: mean drift 0.17 without (max 0.43), 1.5e-7 with: 250 keys do not fill a mask's 384 columns.
     assert sum(projected) / len(projected) < 0.25 * sum(plain) / len(plain)
     assert max(projected) < max(plain)
+
+
+def test_min_room_lets_later_edits_move_earlier_outputs_at_t10(facts_editor):
+    """At T=10 the threshold leaves hundreds of directions free; a floor of 0.99 x 384 free
+    directions protects at most the 3 strongest: earlier outputs move (the floor overrides the
+    threshold), though less than with no projection at all."""
+    plain, _ = own_key_drift(facts_editor, facts_hparams())
+    strict, _ = own_key_drift(facts_editor, facts_hparams(update_projection="null_space", null_space_threshold=1e-3))
+    roomy, roomy_took = own_key_drift(facts_editor, facts_hparams(update_projection="null_space",
+                                                                  null_space_threshold=1e-3, null_space_min_room=0.99))
+    mean = lambda drift: sum(drift) / len(drift)  # noqa: E731
+    print(f"mean drift: {mean(plain):.3f} without, {mean(strict):.2e} threshold only, {mean(roomy):.3f} min_room 0.99")
+    assert roomy_took == 1.0
+    assert mean(roomy) > 1000 * mean(strict)
+    assert mean(roomy) < mean(plain)
 
 
 # ---------------------------------------------------------------- the job's checkpointed keys
