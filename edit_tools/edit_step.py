@@ -58,10 +58,14 @@ class EditResult:
     took: bool = False  # every target token is the argmax on every edit row, after training
     steps: int = 0  # updates of the memory (the adaptive step's undone ones included)
     keys: torch.Tensor | None = None  # [n, k] down_proj inputs at the target positions, on the mask's columns
+    rolled_back: bool = False  # hparams failed_edits "roll_back": it did not take and W_m is as before it
 
     def outcome(self) -> dict:
         """What the edit record stores about the training of this edit."""
-        return {"loss": round(self.final_loss, 6), "steps": self.steps, "took": self.took}
+        outcome = {"loss": round(self.final_loss, 6), "steps": self.steps, "took": self.took}
+        if self.rolled_back:
+            outcome["rolled_back"] = True
+        return outcome
 
 
 def polyak_step_size(loss: float, grad_sq_norm: float, scale: float) -> float:
@@ -320,6 +324,8 @@ def apply_edit(
         return target_loss(logits_now(), batch)
 
     memory = hf.layer.memory
+    # All of W_m, not only the edit's columns: the reference's weight decay moves every column.
+    before = memory.data.clone() if hp.failed_edits == "roll_back" else None
     projector = None
     if hp.update_projection == "null_space" and earlier_keys is not None:
         projector = earlier_keys.projector(indices, hp.null_space_threshold, hp.null_space_min_room)
@@ -336,6 +342,9 @@ def apply_edit(
             logits = logits_now()
         result.final_loss = target_loss(logits, batch).item()
         result.took = bool((logits.argmax(-1) == batch.target_ids).all())
+        if before is not None and not result.took:
+            memory.data.copy_(before)
+            result.rolled_back = True
     finally:
         hf.layer.train_indices = None
         memory.requires_grad_(False)

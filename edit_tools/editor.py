@@ -283,8 +283,10 @@ def log_outcome(edit_id: int, request: EditRequest, result, hp: MemoirHyperParam
         return
     hint = ("raise max_steps_per_edit or lower edit_loss_target" if hp.resolved_update_rule == "adaptive"
             else "leave edit_lr and n_iter unset (or set update_rule: adaptive) for steps sized to this model")
-    logger.warning("edit %d (%r -> %r) did not take: loss %.4f after %d steps (edit_loss_target %g); %s",
-                   edit_id, request.prompt, request.target, result.final_loss, result.steps, hp.edit_loss_target, hint)
+    rolled_back = " (rolled back: stored disabled)" if result.rolled_back else ""
+    logger.warning("edit %d (%r -> %r) did not take%s: loss %.4f after %d steps (edit_loss_target %g); %s",
+                   edit_id, request.prompt, request.target, rolled_back, result.final_loss, result.steps,
+                   hp.edit_loss_target, hint)
 
 
 def _run_checked_job(model_dir, data_name: str, requests: list[EditRequest], hp: MemoirHyperParams, out_dir: Path,
@@ -349,12 +351,12 @@ def _run_checked_job(model_dir, data_name: str, requests: list[EditRequest], hp:
         batch = build_edit_batch(hf, request.prompt, request.target, templates, request.loc)
         result = apply_edit(hf, hp, batch, permutation, background, fast=hp.fast_loop, earlier_keys=earlier_keys,
                             background_basis=basis)
-        if earlier_keys is not None:
+        if earlier_keys is not None and not result.rolled_back:  # a rolled-back edit left nothing to protect
             earlier_keys.add(result.mask_indices, result.keys)
         masks.append(pack_indices(result.mask_indices.unsqueeze(0), artifact.manifest.intermediate_size))
         artifact.edits.append(
             EditRecord(edit_id=next_id, prompt=request.prompt, target=request.target, rephrase=request.rephrase,
-                       subject=request.subject, outcome=result.outcome())
+                       subject=request.subject, enabled=not result.rolled_back, outcome=result.outcome())
         )
         log_outcome(next_id, request, result, hp)
         missed += not result.took

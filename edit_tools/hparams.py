@@ -99,6 +99,13 @@ class MemoirHyperParams:
     # most; the new edit then moves earlier outputs only along their weakest directions.
     # 0.0 (default): no floor, only null_space_threshold decides.
     null_space_min_room: float = 0.0
+    # An edit that did not take (its target is not the top prediction on every row after
+    # training): "keep" (default, the reference) leaves its partial update in W_m and routes to it
+    # like any other; "roll_back" restores W_m as it was before the edit, and stores the edit
+    # disabled (its prompt gets the base model; the record keeps its outcome, marked
+    # rolled_back, so it can be found and retried). A failed edit's update moves earlier
+    # edits' outputs without making its own; under update_projection its keys are not protected.
+    failed_edits: str = "keep"
     # Routing with a second check (issue 13 part 3): a prompt takes its best edit only when that
     # edit's mask overlap beats the second-best enabled edit's by at least this much (overlap
     # units, as irr_threshold: 0.02 = 2% of top_k bits; with one edit stored the second is 0).
@@ -217,6 +224,7 @@ class MemoirHyperParams:
         self._choice("lr_scaling", ("none", "activation"))
         self._choice("update_rule", ("auto", "adaptive", "reference"))
         self._choice("update_projection", ("none", "null_space"))
+        self._choice("failed_edits", ("keep", "roll_back"))
         self.update_rule = self.resolved_update_rule
         if self.update_rule == "reference":
             self.edit_lr, self.n_iter = self.reference_lr, self.reference_n_iter

@@ -238,6 +238,51 @@ def test_refused_persist_changes_nothing(tmp_path, enable):
     assert _snapshot(path) == on_disk
 
 
+def _with_a_rolled_back_edit(directory: Path) -> tuple[Path, FakeWorkers]:
+    """A served artifact whose edit 1 the edit job rolled back (failed_edits: roll_back)."""
+    from vllm_memoir.core import save_artifact
+
+    artifact = make_artifact(3)
+    artifact.edits[1].enabled = False
+    artifact.edits[1].outcome = {"loss": 3.2, "steps": 30, "took": False, "rolled_back": True}
+    save_artifact(artifact, directory)
+    return directory, FakeWorkers(directory)
+
+
+def test_enabling_a_rolled_back_edit_is_refused_and_changes_nothing(tmp_path):
+    """Persisted: refused (422) before anything is written. On a worker: refused before the flag
+    moves. Disabling it, and enabling an edit that took, still work."""
+    from types import SimpleNamespace
+
+    from vllm_memoir.core.edit_records import EditRecords
+    from vllm_memoir.edit_control import EditControl, EditControlError
+    from vllm_memoir.live_edits import LiveEditError, LiveEdits
+
+    path, workers = _with_a_rolled_back_edit(tmp_path / "art")
+    control = EditControl(workers)
+    before, on_disk = _run(control.state()), _snapshot(path)
+    with pytest.raises(EditControlError) as info:
+        _run(control.set_enabled(1, True, persist=True))
+    message = str(info.value)
+    assert info.value.status == 422 and "edit 1 was rolled back" in message and "\n" not in message
+    assert _run(control.state()) == before and _snapshot(path) == on_disk
+    _run(control.set_enabled(0, False, persist=True))  # other edits' flags still persist
+    assert read_manifest(path).version == 2
+
+    records = EditRecords.of(make_artifact(3).edits)
+    records.record(1).outcome = {"loss": 3.2, "steps": 30, "took": False, "rolled_back": True}
+    flipped = []
+    live = LiveEdits.__new__(LiveEdits)  # the worker's side, without a served model
+    live.layer = SimpleNamespace(records=records, edit_rows={e: e for e in range(3)}, tp_rank=1,
+                                 manifest=SimpleNamespace(version=1), set_enabled=lambda *a: flipped.append(a))
+    with pytest.raises(LiveEditError, match="edit 1 was rolled back when it was made"):
+        live.set_enabled(1, True)
+    assert flipped == []
+    live.set_enabled(1, False)
+    live.set_enabled(2, True)
+    assert flipped == [(1, False), (2, True)]
+
+
 def test_refused_persist_into_another_checkpoint_of_the_same_version(tmp_path):
     """Two checkpoints of one job share a version: the content tells them apart."""
     from vllm_memoir.core import load_artifact, save_artifact

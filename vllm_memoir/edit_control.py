@@ -293,6 +293,9 @@ async def write_flags_version(served: dict[str, Any], changes: dict[int, bool]) 
         if (rows < 0).any():
             raise EditControlError(404, f"no edit with id {int(ids[rows < 0][0])} in the served artifact "
                                         f"(version {served['version']})")
+        for row, enable in zip(rows, changes.values()):
+            if enable and (refusal := records.record(int(row)).enable_refusal()):
+                raise EditControlError(422, refusal)
         wanted[rows] = np.fromiter(changes.values(), bool, len(changes))
         set_enabled_rows(records, wanted)
         return save_edit_records(path, on_disk, records)

@@ -207,6 +207,8 @@ class LiveEdits:
 
     def set_enabled(self, edit_id: int, enabled: bool) -> dict[str, Any]:
         row = self._row_of(edit_id)
+        if enabled and (refusal := self.layer.records.record(row).enable_refusal()):
+            raise LiveEditError(refusal)
         self.layer.set_enabled(row, enabled)
         # Same rows, same meaning: running requests keep their route, new ones re-route.
         self._rebase(lambda row: row)

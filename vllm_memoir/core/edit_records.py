@@ -36,6 +36,16 @@ class EditRecord:
     # records written before it was kept (and for edits not made by the edit job).
     outcome: dict[str, Any] | None = None
 
+    def enable_refusal(self) -> str | None:
+        """Why this edit cannot be enabled, or None: an edit the job rolled back (hparams
+        failed_edits "roll_back") has nothing in the memory, so its route would apply columns
+        trained for other edits."""
+        if not (self.outcome or {}).get("rolled_back"):
+            return None
+        return (f"edit {self.edit_id} was rolled back when it was made (it did not take), so the memory holds "
+                f"nothing for it and enabling it would answer its prompt from other edits' columns; "
+                f"make the edit again (memoir edit --append) instead")
+
     def to_json(self) -> dict[str, Any]:
         """The record as its JSONL line's object. Not dataclasses.asdict, whose recursive copy
         made writing 1,000,000 records 3x slower (~70 s) for the same JSON."""
