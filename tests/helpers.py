@@ -10,6 +10,7 @@ import threading
 import time
 from typing import Callable, TypeVar
 
+import pytest
 import torch
 
 from vllm_memoir.core import ArtifactManifest, EditRecord, MemoirArtifact, pack_indices, tophash_indices
@@ -88,3 +89,13 @@ class TwoRankGroup:
             self.barrier.wait()  # both ranks have read before either writes again
             return out
         return gather
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module's tests (use with pytest.mark.usefixtures): the small facts
+    models run no faster on two, and much slower on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import one_torch_thread  # noqa: F401 (a fixture)
 
 from edit_tools.datasets import load_edit_dataset
 from edit_tools.edit_step import EarlierKeys, apply_edit, build_edit_batch
@@ -16,6 +17,8 @@ from vllm_memoir.core import read_manifest
 
 from benchmarks import quality
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 T10 = quality.DEFAULT_DATA.parent / "zsre-facts-T10.json"
 
 
@@ -24,14 +27,6 @@ def one_step_hparams(**overrides) -> MemoirHyperParams:
     edits kept unless a test says otherwise (the config rolls them back)."""
     pinned = {"update_projection": "none", "n_iter": 1, "failed_edits": "keep", **overrides}
     return MemoirHyperParams.from_yaml(quality.DEFAULT_HPARAMS, {k: (v, "test") for k, v in pinned.items()})
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_default_keeps_failed_edits_and_bad_values_are_one_line_errors():

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import one_torch_thread  # noqa: F401 (a fixture)
 
 from edit_tools.datasets import load_edit_dataset
 from edit_tools.edit_step import EarlierKeys, apply_edit, build_edit_batch, project_update
@@ -16,6 +17,8 @@ from edit_tools.hparams import HParamsError, MemoirHyperParams
 from vllm_memoir.core import read_manifest
 
 from benchmarks import quality
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 DIM, HIDDEN, TOP_K = 64, 8, 24
 T10 = quality.DEFAULT_DATA.parent / "zsre-facts-T10.json"
@@ -122,15 +125,6 @@ def facts_hparams(**overrides) -> MemoirHyperParams:
     config itself now projects, at 90 steps), unless a test overrides it."""
     pinned = {"update_projection": "none", "n_iter": 30, **overrides}
     return MemoirHyperParams.from_yaml(quality.DEFAULT_HPARAMS, {k: (v, "test") for k, v in pinned.items()})
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One thread: these small models run no faster on two, and much slower on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
