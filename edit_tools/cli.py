@@ -356,13 +356,17 @@ def cmd_inspect(args) -> int:
 
     artifact = load_artifact(args.artifact)
     m = artifact.manifest
-    enabled = sum(e.enabled for e in artifact.edits)
+    enabled = rolled_back = 0
+    for edit in artifact.edits:
+        enabled += edit.enabled
+        rolled_back += bool((edit.outcome or {}).get("rolled_back"))
     print(f"MEMOIR artifact {args.artifact} (format {m.format_version}, version {m.version})")
     print(f"  base model     {m.base_model} (fingerprint {m.base_fingerprint[:16]})")
     print(f"  edited module  {m.module_path}  memory {m.hidden_size}x{m.intermediate_size} {m.dtype}")
     print(f"  routing        top_k={m.top_k} irr_threshold={m.irr_threshold} route_margin={m.route_margin} "
           f"aggregation={m.aggregation} background_components={m.background_components}")
-    print(f"  edits          {m.num_edits} ({enabled} enabled); masks {artifact.masks.numel() / 1024:.1f} KiB")
+    rolled = f", {rolled_back} rolled back (they did not take)" if rolled_back else ""
+    print(f"  edits          {m.num_edits} ({enabled} enabled{rolled}); masks {artifact.masks.numel() / 1024:.1f} KiB")
     print(f"  memory norm    {artifact.memory.float().norm():.4f}; columns touched {(artifact.memory != 0).any(0).sum()}")
     job = m.job
     if job:

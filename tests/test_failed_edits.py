@@ -8,6 +8,7 @@ import pytest
 import torch
 from helpers import one_torch_thread  # noqa: F401 (a fixture)
 
+from edit_tools.cli import main as memoir_main
 from edit_tools.datasets import load_edit_dataset
 from edit_tools.edit_step import EarlierKeys, apply_edit, build_edit_batch
 from edit_tools.editor import load_update_keys, new_artifact, run_edit_job
@@ -55,7 +56,7 @@ def test_a_rolled_back_edit_leaves_the_memory_exactly_as_before():
     assert 0 < sum(outcomes) < len(outcomes)  # both cases were exercised
 
 
-def test_a_job_stores_failed_edits_disabled_and_protects_only_the_kept_keys(tmp_path):
+def test_a_job_stores_failed_edits_disabled_and_protects_only_the_kept_keys(tmp_path, capsys):
     kept = run_edit_job(quality.DEFAULT_MODEL, T10, one_step_hparams(update_projection="null_space"),
                         tmp_path / "keep", progress=False)
     rolled = run_edit_job(quality.DEFAULT_MODEL, T10,
@@ -74,3 +75,8 @@ def test_a_job_stores_failed_edits_disabled_and_protects_only_the_kept_keys(tmp_
     keys_kept = load_update_keys(tmp_path / "keep", read_manifest(tmp_path / "keep").job, 10, dim)
     assert 0 < keys_rolled.count < keys_kept.count
     assert isinstance(keys_rolled, EarlierKeys)
+    # memoir inspect counts them.
+    capsys.readouterr()
+    assert memoir_main(["inspect", str(tmp_path / "roll")]) == 0
+    shown = capsys.readouterr().out
+    assert f"({sum(took)} enabled, {10 - sum(took)} rolled back (they did not take))" in shown
