@@ -359,7 +359,7 @@ def cmd_inspect(args) -> int:
     enabled = rolled_back = 0
     for edit in artifact.edits:
         enabled += edit.enabled
-        rolled_back += bool((edit.outcome or {}).get("rolled_back"))
+        rolled_back += edit.rolled_back
     print(f"MEMOIR artifact {args.artifact} (format {m.format_version}, version {m.version})")
     print(f"  base model     {m.base_model} (fingerprint {m.base_fingerprint[:16]})")
     print(f"  edited module  {m.module_path}  memory {m.hidden_size}x{m.intermediate_size} {m.dtype}")

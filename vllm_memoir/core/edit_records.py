@@ -36,11 +36,16 @@ class EditRecord:
     # records written before it was kept (and for edits not made by the edit job).
     outcome: dict[str, Any] | None = None
 
+    @property
+    def rolled_back(self) -> bool:
+        """The edit job undid this edit's training, which did not take (hparams failed_edits
+        "roll_back"): the memory holds nothing for it."""
+        return bool((self.outcome or {}).get("rolled_back"))
+
     def enable_refusal(self) -> str | None:
-        """Why this edit cannot be enabled, or None: an edit the job rolled back (hparams
-        failed_edits "roll_back") has nothing in the memory, so its route would apply columns
-        trained for other edits."""
-        if not (self.outcome or {}).get("rolled_back"):
+        """Why this edit cannot be enabled, or None: a rolled-back edit's route would apply
+        columns trained for other edits."""
+        if not self.rolled_back:
             return None
         return (f"edit {self.edit_id} was rolled back when it was made (it did not take), so the memory holds "
                 f"nothing for it and enabling it would answer its prompt from other edits' columns; "
