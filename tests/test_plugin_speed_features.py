@@ -82,10 +82,15 @@ def test_chunked_prefill_concurrent_mixed_parity_with_preemption(server, referen
     lengths = [40 + (i * 13) % 31 for i in range(len(mixed))]
     log_start = len(server.log_text())
     preemptions_before = metric_value(server.metrics(), "vllm:num_preemptions_total")
-    assert_parity(reference, client, mixed, lengths, concurrency=len(mixed))
+    # Preemption needs the 16 requests to overlap; on a loaded machine the client threads may
+    # send them spread out, so the batch is sent again (parity checked every time) until it does.
+    for _ in range(3):
+        assert_parity(reference, client, mixed, lengths, concurrency=len(mixed))
+        preemptions = metric_value(server.metrics(), "vllm:num_preemptions_total") - preemptions_before
+        if preemptions > 0:
+            break
     assert SPLIT_LOG in server.log_text()[log_start:], "no prompt reached the edited layer in parts"
-    preemptions = metric_value(server.metrics(), "vllm:num_preemptions_total") - preemptions_before
-    assert preemptions > 0, "the small KV cache forced no preemption"
+    assert preemptions > 0, "the small KV cache forced no preemption in three rounds of 16 concurrent requests"
 
 
 def test_prefix_cache_repeated_and_shared_prefix_parity(server, reference, prompts):
