@@ -63,6 +63,17 @@ def complete(client, prompt, max_tokens: int, logprobs: int | None = None):
     return list(choice.prompt_token_ids), list(choice.token_ids), choice
 
 
+def complete_together(client, prompts: list, max_tokens: int) -> list[tuple[list[int], list[int]]]:
+    """(prompt token ids, completion token ids) per prompt of one completions request that carries
+    them all: the server hands them to the engine at once, whatever the machine's load."""
+    response = client.completions.create(
+        model=client.memoir_model, prompt=prompts, max_tokens=max_tokens, temperature=0.0,
+        extra_body={"return_token_ids": True, "ignore_eos": True},
+    )
+    choices = sorted(response.choices, key=lambda choice: choice.index)
+    return [(list(choice.prompt_token_ids), list(choice.token_ids)) for choice in choices]
+
+
 def served_token_ids(client, api: str, prompt: str, stream: bool, max_tokens: int) -> tuple[list[int], list[int]]:
     """(prompt token ids, completion token ids) from the completions or chat API, streamed or not."""
     common = dict(model=client.memoir_model, max_tokens=max_tokens, temperature=0.0, stream=stream,
