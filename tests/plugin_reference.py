@@ -45,6 +45,10 @@ def split_clear_of_threshold(reference: MemoirHFModel, candidates: list[str], th
     return [p for p, route in chosen if route >= 0], [p for p, route in chosen if route < 0]
 
 
+# Greedy, EOS ignored, with the exact prompt and completion token ids in the response.
+GREEDY_WITH_IDS = {"temperature": 0.0, "extra_body": {"return_token_ids": True, "ignore_eos": True}}
+
+
 def served_client(server):
     client = server.client()
     client.memoir_model = client.models.list().data[0].id
@@ -55,10 +59,8 @@ def complete(client, prompt, max_tokens: int, logprobs: int | None = None):
     """(prompt token ids, completion token ids, choice) of a greedy completion, EOS ignored.
 
     `prompt` is text or a list of token ids."""
-    response = client.completions.create(
-        model=client.memoir_model, prompt=prompt, max_tokens=max_tokens, temperature=0.0, logprobs=logprobs,
-        extra_body={"return_token_ids": True, "ignore_eos": True},
-    )
+    response = client.completions.create(model=client.memoir_model, prompt=prompt, max_tokens=max_tokens,
+                                         logprobs=logprobs, **GREEDY_WITH_IDS)
     choice = response.choices[0]
     return list(choice.prompt_token_ids), list(choice.token_ids), choice
 
@@ -66,18 +68,15 @@ def complete(client, prompt, max_tokens: int, logprobs: int | None = None):
 def complete_together(client, prompts: list, max_tokens: int) -> list[tuple[list[int], list[int]]]:
     """(prompt token ids, completion token ids) per prompt of one completions request that carries
     them all: the server hands them to the engine at once, whatever the machine's load."""
-    response = client.completions.create(
-        model=client.memoir_model, prompt=prompts, max_tokens=max_tokens, temperature=0.0,
-        extra_body={"return_token_ids": True, "ignore_eos": True},
-    )
+    response = client.completions.create(model=client.memoir_model, prompt=prompts, max_tokens=max_tokens,
+                                         **GREEDY_WITH_IDS)
     choices = sorted(response.choices, key=lambda choice: choice.index)
     return [(list(choice.prompt_token_ids), list(choice.token_ids)) for choice in choices]
 
 
 def served_token_ids(client, api: str, prompt: str, stream: bool, max_tokens: int) -> tuple[list[int], list[int]]:
     """(prompt token ids, completion token ids) from the completions or chat API, streamed or not."""
-    common = dict(model=client.memoir_model, max_tokens=max_tokens, temperature=0.0, stream=stream,
-                  extra_body={"return_token_ids": True, "ignore_eos": True})
+    common = dict(model=client.memoir_model, max_tokens=max_tokens, stream=stream, **GREEDY_WITH_IDS)
     if api == "chat":
         response = client.chat.completions.create(messages=[{"role": "user", "content": prompt}], **common)
     else:
